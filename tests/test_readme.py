@@ -1,0 +1,28 @@
+"""The README's two set-up commands: CI runs exactly the test command."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert lines[0].startswith("# "), "the README starts with its title"
+    start = lines.index("```bash")
+    end = lines.index("```", start + 1)
+    return lines[start + 1 : end]
+
+
+def test_readme_opens_with_the_two_setup_commands():
+    commands = _readme_commands()
+    assert len(commands) == 2
+    train, test = commands
+    assert "pip install -r requirements.txt" in train
+    assert "python -m lambdanet.main --config=configs/demo.py" in train
+    assert "requirements-test.txt" in test and "pytest" in test
+    assert (ROOT / "configs" / "demo.py").exists()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert _readme_commands()[1] in ci_lines
