@@ -41,6 +41,7 @@ def naive_lambda_layer(variables, x, layer: LambdaLayer, mask=None):
     values = values.reshape(b, n_pos, g, u, v)
     if mask is None:
         mask = np.ones((n_pos, n_pos), bool)
+    bias = params["position_bias"] if layer.position_bias else np.zeros(k)
     table = params["rel_embeddings"] if layer.position else np.zeros((1,) * len(spatial) + (k, u))
     sides = table.shape[: len(spatial)]
     positions = list(itertools.product(*[range(s) for s in spatial]))
@@ -70,6 +71,7 @@ def naive_lambda_layer(variables, x, layer: LambdaLayer, mask=None):
                     if layer.position:
                         term += e_nm
                     lam[gi] += term @ values[bi, m, gi]  # [k, u] @ [u, v]
+            lam += bias[None, :, None]  # timm's conv bias: λ^p_n[k, v] + b_k
             for hi in range(h):
                 gi = hi if layer.multi_head else 0
                 y[bi, n, hi * v : (hi + 1) * v] = lam[gi].T @ q[bi, n, hi]
@@ -87,7 +89,11 @@ def _random_stats(variables, seed=3):
 
 
 def _init(layer, x, seed=0):
-    return _random_stats(layer.init(jax.random.PRNGKey(seed), x))
+    variables = _random_stats(layer.init(jax.random.PRNGKey(seed), x))
+    if "position_bias" in variables["params"]:  # zero-initialised: make it non-trivial
+        bias = variables["params"]["position_bias"]
+        variables["params"]["position_bias"] = bias + jnp.linspace(-1.0, 1.0, bias.shape[0])
+    return variables
 
 
 def _x(shape, seed=1, scale=1.0):
@@ -108,6 +114,7 @@ CASES = [
     ((5, 5), 32, dict(scope_size=3, position=False)),  # content only
     ((5, 5), 32, dict(scope_size=3, dim_out=48, heads=3)),
     ((12,), 16, dict(scope_size=5, dim_k=8, heads=2)),  # sequence [b, n, d]
+    ((5, 5), 32, dict(scope_size=3, position_bias=True)),  # timm's biased lambda convolution
 ]
 
 

@@ -198,7 +198,8 @@ class LambdaLayer(nn.Module):
                (columns: queries (h, k), keys (u, k), values (u, v));
       ``norm_q``, ``norm_v``  BatchNorm over the |h||k| query and |v||u| value channels;
       ``rel_embeddings``  relative table R, see `position_embedding_shape` (absent when the
-               caller passes shared ``embeddings``).
+               caller passes shared ``embeddings``);
+      ``position_bias``  [|k|], only with ``position_bias=True``.
 
     Attributes:
       dim_out: d_out (default: the input's d); must be divisible by ``heads``.
@@ -214,6 +215,9 @@ class LambdaLayer(nn.Module):
       content: include the content lambda λ^c.
       position: include the position lambdas λ^p_n.
       causal: mask the context to positions m <= n (sequences, Appendix B.2).
+      position_bias: add a learnt bias b_k to every position lambda (λ^p_n[k, v] + b_k), as the
+        biased Conv3d of timm's lambda convolution does; not in the paper, off by default (for
+        weights converted from timm).
       dtype: compute dtype (e.g. bfloat16); key normalisation and BatchNorm statistics stay
         in float32.
       param_dtype: parameter dtype.
@@ -232,6 +236,7 @@ class LambdaLayer(nn.Module):
     content: bool = True
     position: bool = True
     causal: bool = False
+    position_bias: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     bn_momentum: float = 0.9
@@ -346,6 +351,10 @@ class LambdaLayer(nn.Module):
                 out = out + jnp.einsum("bngjk,bgvnk->bngjv", queries, lambdas)
             else:
                 out = out + self._position_output_einsum(queries, values, table, spatial, mask)
+            if self.position_bias:
+                bias = self.param("position_bias", nn.initializers.zeros, (k,), self.param_dtype)
+                bias = jnp.einsum("bngjk,k->bngj", queries, bias.astype(self.dtype))
+                out = out + bias[..., None]
         return out.reshape(b, *spatial, h * v).astype(self.dtype)
 
     def _batch_norm(self, x: jax.Array, train: bool, name: str) -> jax.Array:
