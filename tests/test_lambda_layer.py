@@ -45,34 +45,39 @@ def naive_lambda_layer(variables, x, layer: LambdaLayer, mask=None):
     table = params["rel_embeddings"] if layer.position else np.zeros((1,) * len(spatial) + (k, u))
     sides = table.shape[: len(spatial)]
     positions = list(itertools.product(*[range(s) for s in spatial]))
+    e = np.zeros((n_pos, n_pos, k, u))  # E[n, m] = R[m - n], zero outside the scope
+    for n, m in itertools.product(range(n_pos), range(n_pos)):
+        offset = [
+            pm - pn + s // 2 for pm, pn, s in zip(positions[m], positions[n], sides, strict=True)
+        ]
+        if all(0 <= o < s for o, s in zip(offset, sides, strict=True)):
+            e[n, m] = table[tuple(offset)]
     y = np.zeros((b, n_pos, h * v))
     for bi in range(b):
         for n in range(n_pos):
-            ctx = [m for m in range(n_pos) if mask[n, m]]
+            ctx = mask[n]  # the context positions m of query n
             kbar = np.zeros((n_pos, g, u, k))
-            if ctx:
+            if ctx.any():
                 if layer.key_norm == "softmax":
-                    e = np.exp(keys[bi, ctx] - keys[bi, ctx].max(axis=0))
-                    kbar[ctx] = e / e.sum(axis=0)
+                    ex = np.exp(keys[bi, ctx] - keys[bi, ctx].max(axis=0))
+                    kbar[ctx] = ex / ex.sum(axis=0)
                 elif layer.key_norm == "l2":
                     kc = keys[bi, ctx]
                     kbar[ctx] = kc / np.sqrt((kc**2).sum(axis=0))
                 else:
                     kbar[ctx] = keys[bi, ctx]
+            # λ_n = Σ_m (k̄_m + e_nm) v_mᵀ, summed over the context m and the intra-depth u.
             lam = np.zeros((g, k, v))
-            for m in ctx:
-                offset = [pm - pn + s // 2 for pm, pn, s in zip(positions[m], positions[n], sides)]
-                inside = all(0 <= o < s for o, s in zip(offset, sides))
-                e_nm = table[tuple(offset)] if inside else np.zeros((k, u))  # [k, u]
-                for gi in range(g):
+            for gi in range(g):
+                for m in np.flatnonzero(ctx):
                     term = np.zeros((k, u))
                     if layer.content:
                         term += kbar[m, gi].T
                     if layer.position:
-                        term += e_nm
+                        term += e[n, m]
                     lam[gi] += term @ values[bi, m, gi]  # [k, u] @ [u, v]
             lam += bias[None, :, None]  # timm's conv bias: λ^p_n[k, v] + b_k
-            for hi in range(h):
+            for hi in range(h):  # y_n = concat_h(λ_nᵀ q_n^h)
                 gi = hi if layer.multi_head else 0
                 y[bi, n, hi * v : (hi + 1) * v] = lam[gi].T @ q[bi, n, hi]
     return y.reshape(b, *spatial, h * v)
@@ -103,8 +108,9 @@ def _x(shape, seed=1, scale=1.0):
 CASES = [
     # (spatial, d, dict of layer args)
     ((5, 5), 32, dict(scope_size=None)),  # global scope, |u| = 1
-    ((6, 6), 32, dict(scope_size=3)),  # local scope; λ^p materialised (|k||v| <= |h| m |u|)
-    ((6, 6), 64, dict(scope_size=5)),  # local scope; q·E contraction order
+    ((6, 6), 32, dict(scope_size=3, position_contraction="lambdas")),  # λ^p materialised
+    ((6, 6), 64, dict(scope_size=5, position_contraction="scores")),  # q·E, then values
+    ((6, 6), 32, dict(scope_size=5, dim_u=2, position_contraction="scores")),
     ((5, 5), 32, dict(scope_size=3, dim_u=4)),  # local scope, |u| = 4
     ((4, 5), 32, dict(scope_size=None, dim_u=4)),  # global scope, |u| = 4, non-square
     ((5, 5), 32, dict(scope_size=3, multi_head=True)),  # Appendix B.3
@@ -123,7 +129,9 @@ def _naive_mu(variables, x, layer):
     params = variables["params"]
     b, n_pos = x.shape[0], math.prod(x.shape[1:-1])
     k, h, u = layer.dim_k, layer.heads, layer.dim_u
-    keys = np.asarray(x.reshape(b, n_pos, -1) @ params["qkv"]["kernel"])[:, :, h * k : h * k + u * k]
+    keys = np.asarray(x.reshape(b, n_pos, -1) @ params["qkv"]["kernel"])[
+        :, :, h * k : h * k + u * k
+    ]
     keys = keys.reshape(b, n_pos, u, k)
     e = np.exp(keys - keys.max(axis=(1, 2), keepdims=True))
     return e / e.sum(axis=(1, 2), keepdims=True)
@@ -306,7 +314,7 @@ def test_train_mode_updates_batch_stats():
     _, state = layer.apply(variables, x, train=True, mutable=["batch_stats"])
     before = jax.tree.leaves(variables["batch_stats"])
     after = jax.tree.leaves(state["batch_stats"])
-    assert any(not np.allclose(a, b) for a, b in zip(before, after))
+    assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
 
 
 @pytest.mark.parametrize("impl", ["einsum", "conv"])
@@ -340,6 +348,7 @@ def test_bfloat16_close_to_float32(impl, scale):
         (dict(), (1, 2, 4, 4, 32), r"expects images \[b, H, W, d\] or sequences"),
         (dict(impl="fft"), (1, 4, 4, 32), "unknown impl 'fft'"),
         (dict(key_norm="max"), (1, 4, 4, 32), "unknown key_norm 'max'"),
+        (dict(position_contraction="x"), (1, 4, 4, 32), "unknown position_contraction 'x'"),
         (dict(content=False, position=False), (1, 4, 4, 32), "leaves nothing to compute"),
         (dict(multi_head=True, dim_u=2), (1, 4, 4, 32), "supports dim_u=1 only"),
     ],

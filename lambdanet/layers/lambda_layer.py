@@ -48,6 +48,10 @@ import numpy as np
 IMPLS = ("einsum", "conv", "auto")
 KEY_NORMS = ("softmax", "l2", "none")
 KEY_SOFTMAX_AXES = ("m", "mu")
+CONTRACTIONS = ("auto", "lambdas", "scores")
+# "auto" forms q·E when it costs fewer FLOPs and its intermediate is at most this many times
+# the size of the position lambdas.
+_MAX_SCORES_TO_LAMBDAS_SIZE = 16
 _AUTO_CONV_MIN_POSITIONS = 85**2  # §4.1 [R]: the conv implementation is used when n > 85².
 _MASK_FILL = -1e30
 
@@ -93,8 +97,8 @@ def _check_scope(scope: int) -> None:
     if not isinstance(scope, int) or scope <= 0 or scope % 2 == 0:
         raise ValueError(
             f"scope_size must be a positive odd integer (the side r of an r x r local context, "
-            f"centred on the query), got {scope!r}; use e.g. scope_size=23 or 7, or scope_size=None "
-            "for a global scope."
+            f"centred on the query), got {scope!r}; use e.g. scope_size=23 or 7, or "
+            "scope_size=None for a global scope."
         )
 
 
@@ -120,9 +124,7 @@ def _qkv_init(d_in: int, num_q: int, dim_k: int):
     return init
 
 
-def _normalize_keys(
-    keys: jax.Array, key_norm: str, axes: str, mask: jax.Array | None
-) -> jax.Array:
+def _normalize_keys(keys: jax.Array, key_norm: str, axes: str, mask: jax.Array | None) -> jax.Array:
     """Normalise keys over the context positions m (and |u| if ``axes == "mu"``), in float32.
 
     keys: [b, m, g, |u|, |k|]. Without a mask returns the same shape. With a context mask
@@ -218,6 +220,10 @@ class LambdaLayer(nn.Module):
       position_bias: add a learnt bias b_k to every position lambda (λ^p_n[k, v] + b_k), as the
         biased Conv3d of timm's lambda convolution does; not in the paper, off by default (for
         weights converted from timm).
+      position_contraction: order of the einsum position term: "lambdas" forms the position
+        lambdas λ^p [b, n, |k|, |v|] then applies the queries (Figure 3); "scores" forms
+        q·E [b, n, |h|, m, |u|] then contracts with the values; "auto" takes "scores" when it
+        needs fewer FLOPs and an intermediate at most 16x larger. Same result either way.
       dtype: compute dtype (e.g. bfloat16); key normalisation and BatchNorm statistics stay
         in float32.
       param_dtype: parameter dtype.
@@ -237,6 +243,7 @@ class LambdaLayer(nn.Module):
     position: bool = True
     causal: bool = False
     position_bias: bool = False
+    position_contraction: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     bn_momentum: float = 0.9
@@ -259,6 +266,11 @@ class LambdaLayer(nn.Module):
             raise ValueError(f"unknown impl {self.impl!r}; choose one of {IMPLS}")
         if self.key_norm not in KEY_NORMS:
             raise ValueError(f"unknown key_norm {self.key_norm!r}; choose one of {KEY_NORMS}")
+        if self.position_contraction not in CONTRACTIONS:
+            raise ValueError(
+                f"unknown position_contraction {self.position_contraction!r}; choose one of "
+                f"{CONTRACTIONS}"
+            )
         if self.key_softmax_axes not in KEY_SOFTMAX_AXES:
             raise ValueError(
                 f"unknown key_softmax_axes {self.key_softmax_axes!r}; choose one of "
@@ -394,8 +406,20 @@ class LambdaLayer(nn.Module):
         scores = jnp.einsum("bngjk,bnmguk->bngjmu", queries, keys)
         return jnp.einsum("bngjmu,bmguv->bngjv", scores, values)
 
+    def _use_scores(self, g: int, j: int, k: int, m: int, u: int, v: int) -> bool:
+        """Whether to contract q·E first: per (b, n), FLOPs and intermediate sizes of both."""
+        if self.position_contraction != "auto":
+            return self.position_contraction == "scores"
+        lambdas_flops = g * m * k * u * v + g * j * k * v
+        scores_flops = g * j * m * u * (k + v)
+        scores_size, lambdas_size = g * j * m * u, g * k * v
+        return (
+            scores_flops < lambdas_flops
+            and scores_size <= _MAX_SCORES_TO_LAMBDAS_SIZE * lambdas_size
+        )
+
     def _position_output_einsum(self, queries, values, table, spatial, mask) -> jax.Array:
-        """Σ_m (q_n E_nm) v_m, contracted in the order with the smaller intermediate.
+        """Σ_m (q_n E_nm) v_m in one of two contraction orders (``position_contraction``).
 
         Either the paper's order, position lambdas λ^p [b, n, g, |k|, |v|] then queries, or
         q·E [b, n, g, j, m, |u|] then values (never forming [b, n, |k|, |v|]).
@@ -405,7 +429,7 @@ class LambdaLayer(nn.Module):
             embeddings = embeddings * mask[:, :, None, None].astype(embeddings.dtype)
         g, j, k = queries.shape[2:]
         m, u, v = values.shape[1], values.shape[3], values.shape[4]
-        if g * k * v <= g * j * m * u:
+        if not self._use_scores(g, j, k, m, u, v):
             lambdas = jnp.einsum("nmku,bmguv->bngkv", embeddings, values)
             return jnp.einsum("bngjk,bngkv->bngjv", queries, lambdas)
         scores = jnp.einsum("bngjk,nmku->bngjmu", queries, embeddings)
