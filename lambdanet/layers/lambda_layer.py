@@ -384,16 +384,16 @@ class LambdaLayer(nn.Module):
         return out.reshape(b, *spatial, h * v).astype(self.dtype)
 
     def _batch_norm(self, x: jax.Array, train: bool, name: str) -> jax.Array:
-        """BatchNorm with float32 statistics, output back in the compute dtype."""
-        y = nn.BatchNorm(
+        """BatchNorm in the compute dtype, with its statistics reduced in float32."""
+        return nn.BatchNorm(
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
-            dtype=jnp.float32,
+            dtype=self.dtype,
             param_dtype=self.param_dtype,
+            force_float32_reductions=True,
             name=name,
-        )(x.astype(jnp.float32))
-        return y.astype(self.dtype)
+        )(x)
 
     def _position_table(self, embeddings, spatial: tuple[int, ...]) -> jax.Array:
         shape = position_embedding_shape(spatial, self.scope_size, self.dim_k, self.dim_u)
