@@ -1,0 +1,93 @@
+"""Base config: the paper's 90-epoch ImageNet recipe (PAPER.md §4.2) for a ResNet-50.
+
+Not an experiment by itself (see configs/resnet50.py); other configs start from `get_config()`
+and change a few fields. Every field can be overridden on the command line, e.g.
+`--config.global_batch_size=1024 --config.dataset.manual_dir=~/imagenet_tars`.
+
+The 90-epoch setup [R]: SGD momentum 0.9, batch 4096, weight decay 1e-4, learning rate
+0.1 x batch / 256 warmed up linearly over 5 epochs then cosine-decayed, label smoothing 0.1,
+EMA 0.9999 of the weights, 224x224 with random resized crop and flip.
+
+`lambda_resnet_config(depth, image_size)` builds the 350-epoch LambdaResNet recipe (ResNet-RS
+recipe with weight decay 4e-5, RandAugment, dropout, stochastic depth; Table 13 [R]).
+"""
+
+import ml_collections
+
+from lambdanet.data import default_dataset_config
+
+# Table 13 [R, low confidence]: (depth, image size) -> (RandAugment magnitude, dropout,
+# stochastic depth). Depth 200 has no row; it takes the 152/270 values at 256.
+TABLE_13 = {
+    (50, 128): (10, 0.2, 0.0),
+    (50, 160): (10, 0.2, 0.0),
+    (101, 160): (10, 0.3, 0.0),
+    (101, 192): (15, 0.2, 0.0),
+    (152, 192): (15, 0.3, 0.0),
+    (152, 224): (15, 0.3, 0.1),
+    (152, 256): (15, 0.3, 0.1),
+    (152, 288): (15, 0.3, 0.1),
+    (200, 256): (15, 0.3, 0.1),
+    (270, 256): (15, 0.3, 0.1),
+    (350, 256): (15, 0.3, 0.2),
+    (350, 288): (15, 0.3, 0.2),
+    (350, 320): (15, 0.3, 0.2),
+    (420, 320): (15, 0.3, 0.2),
+}
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The 90-epoch recipe with `resnet50` on TFDS imagenet2012."""
+    config = ml_collections.ConfigDict()
+    config.model_name = "resnet50"
+    # Overrides of the registry model's attributes (lambdanet.models.ResNet), e.g. drop_rate.
+    config.model = ml_collections.ConfigDict()
+    config.dataset = default_dataset_config()
+    config.seed = 0  # parameter initialisation, dropout and stochastic depth
+    config.data_seed = 0  # data order and augmentation
+
+    config.global_batch_size = 4096
+    config.eval_batch_size = 1024
+    config.num_epochs = 90.0
+    config.num_train_steps = -1  # > 0 overrides num_epochs
+
+    config.learning_rate = 0.1  # per 256 examples (linear scaling rule)
+    config.warmup_epochs = 5.0
+    config.momentum = 0.9
+    config.nesterov = False
+    config.weight_decay = 1e-4
+    config.weight_decay_exclude_bn_and_bias = True
+    config.grad_clip_norm = 0.0  # 0 disables clipping
+    config.label_smoothing = 0.1
+    config.ema_decay = 0.9999  # 0 disables the EMA; eval uses the EMA weights otherwise
+    config.half_precision = True  # bfloat16 compute, float32 parameters
+    config.skip_nonfinite_steps = False  # False: stop at a NaN/inf loss or gradient
+
+    config.log_every_steps = 100
+    config.eval_every_epochs = 1.0  # 0 evaluates at the end only
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3  # the last k, plus the best by eval top-1
+    return config
+
+
+def lambda_resnet_config(depth: int, image_size: int | str | None = None):
+    """LambdaResNet-`depth` with the 350-epoch recipe at `image_size` (Table 13 row)."""
+    sizes = sorted(size for d, size in TABLE_13 if d == depth)
+    image_size = int(image_size) if image_size else sizes[0]
+    if (depth, image_size) not in TABLE_13:
+        raise ValueError(
+            f"LambdaResNet-{depth} has no Table 13 row at image size {image_size}; the paper's "
+            f"sizes for it are {sizes}, e.g. --config=configs/lambda_resnet{depth}.py:{sizes[0]}."
+        )
+    magnitude, dropout, stochastic_depth = TABLE_13[depth, image_size]
+    config = get_config()
+    config.model_name = f"lambda_resnet{depth}"
+    config.model.dropout_rate = dropout
+    config.model.drop_path_rate = stochastic_depth
+    config.model.drop_path_schedule = "stage"  # ResNet-RS's per-stage schedule [R]
+    config.dataset.image_size = image_size
+    config.dataset.randaugment = dict(num_layers=2, magnitude=magnitude)
+    config.num_epochs = 350.0
+    config.weight_decay = 4e-5
+    config.eval_every_epochs = 5.0
+    return config

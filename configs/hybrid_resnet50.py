@@ -1,0 +1,36 @@
+"""Conv/lambda hybrid ResNet-50, 90-epoch recipe: the hybrid placement table (Appendix D.2,
+PAPER.md §2.3 [R]). C = 3x3 conv kept, L = lambda layer, per stage c2, c3, c4, c5. The default
+C,C,L,L row: 15.56M params (analytic; the recalled table says 15.4), 78.3% top-1 [R].
+
+    python -m lambdanet.main --config=configs/hybrid_resnet50.py --workdir=workdir/hybrid_CCLL \
+        --config.model.placement=C,C,L,L --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS
+
+All of the table's rows (`hybrid_placements`), one training run each, into one CSV/Markdown
+table of placement, params, inference throughput and top-1:
+
+    python scripts/sweep_hybrids.py --config=configs/hybrid_resnet50.py --workdir=workdir/hybrids
+"""
+
+import ml_collections
+
+from configs import default
+
+# The rows of the hybrid table, in the paper's order (C,C,C,C is the ResNet-50 baseline).
+HYBRID_PLACEMENTS = (
+    "C,C,C,C",
+    "L,C,C,C",
+    "L,L,C,C",
+    "L,L,L,C",
+    "L,L,L,L",
+    "C,L,L,L",
+    "C,C,L,L",
+    "C,C,C,L",
+)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.model_name = "hybrid_resnet50"
+    config.model.placement = "C,C,L,L"
+    config.hybrid_placements = HYBRID_PLACEMENTS  # read by scripts/sweep_hybrids.py
+    return config

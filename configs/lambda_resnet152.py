@@ -1,0 +1,25 @@
+"""LambdaResNet-152, 350-epoch recipe (PAPER.md §4.2): Figure 4 / the detailed LambdaResNet
+results, with the per-size hyper-parameters of Table 13 [R, low confidence]:
+
+    size  (RandAugment 2 layers)
+    192   RandAugment 15, dropout 0.3, stochastic depth 0.0; 82.5% top-1 (Figure 4)
+    224   RandAugment 15, dropout 0.3, stochastic depth 0.1; 83.2% top-1 (Figure 4)
+    256   RandAugment 15, dropout 0.3, stochastic depth 0.1; 83.8% top-1 (Figure 4)
+    288   RandAugment 15, dropout 0.3, stochastic depth 0.1; no Figure 4 point
+
+    python -m lambdanet.main --config=configs/lambda_resnet152.py \
+        --workdir=workdir/lambda_resnet152 --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS
+
+The image size is the config argument (default 192); the paper's other sizes for this depth:
+224, 256, 288, e.g. `--config=configs/lambda_resnet152.py:288`, which also selects that row.
+Lambda layers uniformly spaced in c4 and in all of c5 of ResNet-RS-152 (§4.1). Batch 4096 as
+in the paper (2048 for the largest models there); lower it with `--config.global_batch_size`.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config(image_size: str | None = None) -> ml_collections.ConfigDict:
+    return default.lambda_resnet_config(152, image_size)

@@ -1,0 +1,19 @@
+"""ResNet-50 baseline, 90-epoch recipe: Table 3 row "Conv (He et al., 2016)", 25.6M params,
+76.9% top-1 (PAPER.md §2.1; also the C->C->C->C row of the hybrid table).
+
+    python -m lambdanet.main --config=configs/resnet50.py --workdir=workdir/resnet50 \
+        --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS
+
+The paper trains with batch 4096 on 32 TPUv3 cores; with fewer accelerators lower the batch
+(`--config.global_batch_size=1024`; the learning rate follows the linear scaling rule). TFDS
+prepares imagenet2012 from the tars in manual_dir on the first run (`--config.dataset.data_dir`
+chooses where the prepared files go).
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return default.get_config()

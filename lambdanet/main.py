@@ -1,0 +1,79 @@
+"""Train and evaluate LambdaNetworks from a config file.
+
+    python -m lambdanet.main --config=configs/demo.py --workdir=workdir/demo
+    python -m lambdanet.main --config=configs/demo.py --workdir=workdir/demo --mode=eval \
+        [--checkpoint=STEP_OR_PATH]
+
+Any config field can be overridden: `--config.global_batch_size=512 --config.model.drop_rate=0.1`.
+
+Modes: `train_and_eval` (default) trains, resuming from WORKDIR/checkpoints if present, evaluates
+every `config.eval_every_epochs` and at the end; `train` skips evaluation; `eval` evaluates a
+checkpoint: the latest in WORKDIR, a step number, or a path (a workdir, its checkpoints
+directory or one step's directory).
+
+Several hosts: start one process per host with `--distributed` (cluster auto-detection: SLURM,
+Open MPI, Cloud TPU, Kubernetes) or with `--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I` (defaults from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+"""
+
+import logging as std_logging
+import os
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lambdanet import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, events and metrics.")
+_MODE = flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"], "Mode.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "", "For --mode=eval: a step in WORKDIR or a checkpoint path (default latest)."
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with cluster auto-detection."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"), "Process 0's HOST:PORT."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 0)) or None, "Number of processes."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id",
+    int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None,
+    "This process's index.",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Keeps warnings and errors of orbax (which logs every save at INFO), drops its info lines."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    logging.info(
+        "JAX process %d of %d; %d local / %d global devices (%s).",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+    )
+    if _MODE.value == "eval":
+        train.evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+    else:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, run_eval=_MODE.value != "train")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,563 @@
+"""Training and evaluation of LambdaNetworks: the recipe, top to bottom.
+
+The structure follows flax `examples/imagenet`, with one `jax.jit` train step over a device mesh
+instead of pmap (see `lambdanet.sharding`). The recipe is the paper's (PAPER.md §4.2):
+
+* SGD with momentum (or Nesterov); learning rate `config.learning_rate * global_batch / 256`
+  (linear scaling rule), linear warm-up from 0, then cosine decay to 0; all functions of the step.
+* Weight decay as an L2 gradient term, masked so that 1-D parameters (BatchNorm scale/bias and
+  biases) are not decayed; optional gradient-norm clipping; label smoothing.
+* An exponential moving average (EMA) of the weights, evaluated instead of the raw weights.
+* bf16 compute (`config.half_precision`) with float32 parameters; the loss is float32.
+
+Reproducibility: the initialisation uses `config.seed`, the data order and augmentation
+`config.data_seed`. Per-step keys are `fold_in(key, step)`, and the input pipeline is
+positioned by the step, so a run resumed from a checkpoint is the same as an uninterrupted one.
+
+A step whose loss or gradients are not finite leaves the state unchanged (like
+`optax.apply_if_finite`) and is counted. Training then stops with a message naming the step and
+the last good checkpoint, unless `config.skip_nonfinite_steps` is set.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from clu import metrics
+from flax import linen as nn
+from flax.training import train_state
+
+from lambdanet import checkpoint, metric_writers, models, sharding
+from lambdanet.data import create_dataset
+
+FINAL_METRICS_FILE = "final_metrics.json"
+EVAL_METRICS_FILE = "eval_metrics.json"
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    """`config.model_name` from the registry, with `config.model` as constructor overrides."""
+    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    return models.create_model(
+        config.model_name, num_classes=num_classes, dtype=dtype, **config.model.to_dict()
+    )
+
+
+def create_learning_rate_fn(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
+) -> optax.Schedule:
+    """Linear warm-up from 0 over `config.warmup_epochs`, then cosine decay to 0 at the end."""
+    peak = config.learning_rate * config.global_batch_size / 256  # linear scaling rule
+    warmup_steps = min(int(config.warmup_epochs * steps_per_epoch), num_train_steps)
+    warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+    cosine = optax.cosine_decay_schedule(peak, max(num_train_steps - warmup_steps, 1))
+    return optax.join_schedules([warmup, cosine], [warmup_steps])
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for parameters to decay: kernels and embeddings, not 1-D BatchNorm scale/bias/biases."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> optax.GradientTransformation:
+    """[clip by global norm] -> + weight_decay * params (L2 term) -> SGD momentum/Nesterov."""
+    mask = weight_decay_mask if config.weight_decay_exclude_bn_and_bias else None
+    clip = optax.clip_by_global_norm(config.grad_clip_norm) if config.grad_clip_norm else None
+    return optax.chain(
+        clip or optax.identity(),
+        optax.add_decayed_weights(config.weight_decay, mask),
+        optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov),
+    )
+
+
+def cross_entropy_loss(
+    logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Per-example softmax cross-entropy in float32.
+
+    logits: [b, classes]; targets: [b, classes] class probabilities (one-hot, or mixup's soft
+    labels), smoothed towards uniform by `label_smoothing`. Returns [b].
+    """
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def one_hot_targets(batch: dict[str, jax.Array], num_classes: int) -> jax.Array:
+    """The batch's 'soft_label' (mixup) if present, else one-hot 'label': [b, classes]."""
+    if "soft_label" in batch:
+        return batch["soft_label"]
+    return jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.float32)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the label is among the top-k logits. logits: [b, classes], labels: [b] -> [b]."""
+    _, top = jax.lax.top_k(logits.astype(jnp.float32), min(k, logits.shape[-1]))
+    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+@flax.struct.dataclass
+class EvalMetrics(metrics.Collection):
+    """Sums over the (masked) examples divided by their count: exact for any batch size."""
+
+    loss: metrics.Average.from_output("loss")
+    top1: metrics.Average.from_output("top1")
+    top5: metrics.Average.from_output("top5")
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+    top1: metrics.Average.from_output("top1")
+    top5: metrics.Average.from_output("top5")
+    learning_rate: metrics.LastValue.from_output("learning_rate")
+    grad_norm: metrics.Average.from_output("grad_norm")
+
+
+def compute_metrics(
+    logits: jax.Array, labels: jax.Array, loss: jax.Array, mask: jax.Array | None = None
+) -> dict[str, jax.Array]:
+    """Per-example loss, top-1 and top-5 correctness [b], plus `mask` when given."""
+    outputs = {
+        "loss": loss,
+        "top1": topk_correct(logits, labels, 1),
+        "top5": topk_correct(logits, labels, 5),
+    }
+    return outputs if mask is None else outputs | {"mask": mask}
+
+
+class TrainState(train_state.TrainState):
+    """step, params, opt_state (+ apply_fn, tx), and:
+
+    batch_stats: BatchNorm moving statistics.
+    ema_params: EMA of params (None when `config.ema_decay` is 0).
+    nonfinite_steps: number of steps skipped because the loss or gradients were NaN/inf.
+    first_nonfinite_step: the first such step, -1 if none.
+    """
+
+    batch_stats: Any
+    ema_params: Any
+    nonfinite_steps: jax.Array
+    first_nonfinite_step: jax.Array
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """`min(decay, (1 + step) / (10 + step))`, as tf.train.ExponentialMovingAverage with
+    num_updates (the ResNet-RS/EfficientNet TPU code), so that short runs average sensibly."""
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rngs: dict[str, jax.Array],
+    *,
+    learning_rate_fn: optax.Schedule,
+    preprocess_fn: Callable[..., dict[str, jax.Array]],
+    label_smoothing: float,
+    ema_decay: float,
+) -> tuple[TrainState, TrainMetrics]:
+    """One SGD step on the global batch (image: [b, S, S, 3], label: [b]).
+
+    rngs: {'augment': key, 'dropout': key}; this step uses `fold_in(key, state.step)`.
+    """
+    step_rngs = {name: jax.random.fold_in(key, state.step) for name, key in rngs.items()}
+    batch = preprocess_fn(batch, step_rngs["augment"], train=True)
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        logits, new_model_state = state.apply_fn(
+            variables,
+            batch["image"],
+            train=True,
+            rngs={"dropout": step_rngs["dropout"]},
+            mutable=["batch_stats"],
+        )
+        targets = one_hot_targets(batch, logits.shape[-1])
+        loss = cross_entropy_loss(logits, targets, label_smoothing)
+        return loss.mean(), (loss, logits, new_model_state["batch_stats"])
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (mean_loss, (loss, logits, batch_stats)), grads = grad_fn(state.params)
+    grad_norm = optax.tree.norm(grads)
+    is_finite = jnp.isfinite(mean_loss) & jnp.isfinite(grad_norm)
+
+    updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if state.ema_params is not None:
+        decay = ema_decay_at(state.step, ema_decay)
+        ema = jax.tree.map(
+            lambda e, p: decay * e + (1 - decay) * p, state.ema_params, updated.params
+        )
+        updated = updated.replace(ema_params=ema)
+    fields = ("params", "opt_state", "batch_stats", "ema_params")
+    kept = jax.tree.map(
+        lambda new, old: jnp.where(is_finite, new, old),
+        {f: getattr(updated, f) for f in fields},
+        {f: getattr(state, f) for f in fields},
+    )
+    first_bad = jnp.where(
+        (state.first_nonfinite_step < 0) & ~is_finite, state.step, state.first_nonfinite_step
+    )
+    new_state = state.replace(
+        step=state.step + 1,
+        nonfinite_steps=state.nonfinite_steps + (~is_finite).astype(jnp.int32),
+        first_nonfinite_step=first_bad,
+        **kept,
+    )
+    # The optimizer's schedule counts applied updates only (as optax.apply_if_finite).
+    learning_rate = learning_rate_fn(state.step - state.nonfinite_steps)
+    outputs = compute_metrics(logits, batch["label"], loss)
+    step_metrics = TrainMetrics.single_from_model_output(
+        **outputs, learning_rate=learning_rate, grad_norm=grad_norm
+    )
+    return new_state, step_metrics
+
+
+def eval_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rngs: dict[str, jax.Array],
+    *,
+    preprocess_fn: Callable[..., dict[str, jax.Array]],
+) -> EvalMetrics:
+    """Metrics on a padded eval batch (image, label, mask: [b]); uses the EMA weights if any."""
+    batch = preprocess_fn(batch, rngs["augment"], train=False)
+    params = state.params if state.ema_params is None else state.ema_params
+    logits = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    )
+    loss = cross_entropy_loss(logits, one_hot_targets(batch, logits.shape[-1]))
+    return EvalMetrics.single_from_model_output(
+        **compute_metrics(logits, batch["label"], loss, batch["mask"])
+    )
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    image_size: int,
+    learning_rate_fn: optax.Schedule,
+    mesh: jax.sharding.Mesh,
+) -> TrainState:
+    """Initialises float32 parameters from `config.seed`, replicated over `mesh`."""
+    tx = create_optimizer(config, learning_rate_fn)
+
+    def init(key):
+        params_key, dropout_key = jax.random.split(key)
+        image = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+        variables = model.init({"params": params_key, "dropout": dropout_key}, image, train=False)
+        params = variables["params"]
+        return TrainState.create(
+            apply_fn=model.apply,
+            params=params,
+            tx=tx,
+            batch_stats=variables.get("batch_stats", {}),
+            ema_params=params if config.ema_decay else None,
+            nonfinite_steps=jnp.zeros((), jnp.int32),
+            first_nonfinite_step=jnp.full((), -1, jnp.int32),
+        ).replace(step=jnp.zeros((), jnp.int32))
+
+    init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+    replicated = sharding.replicated_sharding(mesh)
+    return jax.jit(init, out_shardings=replicated)(init_key)
+
+
+def create_rngs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """Base keys: augmentation from `config.data_seed`, dropout/stochastic depth from `seed`."""
+    rngs = {
+        "augment": jax.random.key(config.data_seed),
+        "dropout": jax.random.fold_in(jax.random.key(config.seed), 1),
+    }
+    return jax.device_put(rngs, sharding.replicated_sharding(mesh))
+
+
+def count_params(params: Any) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Everything a run needs, built and checked before anything is compiled.
+
+    train_step(state, batch, rngs) -> (state, TrainMetrics) and eval_step(state, batch, rngs) ->
+    EvalMetrics are jitted over `mesh` (state donated to the train step).
+    """
+
+    mesh: jax.sharding.Mesh
+    dataset: Any
+    steps_per_epoch: int
+    num_train_steps: int
+    learning_rate_fn: optax.Schedule
+    state: TrainState
+    rngs: dict[str, jax.Array]
+    train_step: Callable[..., tuple[TrainState, TrainMetrics]]
+    eval_step: Callable[..., EvalMetrics]
+
+
+def create_experiment(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Experiment:
+    """Mesh over `devices` (default all), dataset, model, schedule, initial state, jitted steps."""
+    mesh = sharding.create_mesh(devices)
+    sharding.check_batch_size(config.global_batch_size, mesh, "global_batch_size")
+    sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+    models.model_entry(config.model_name)  # an unknown name fails here, listing the known ones
+    ds = create_dataset(
+        config.dataset,
+        global_batch_size=config.global_batch_size,
+        eval_batch_size=config.eval_batch_size,
+        seed=config.data_seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    model = create_model(config, ds.num_classes)
+    steps_per_epoch = ds.num_train_examples // config.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"config.global_batch_size={config.global_batch_size} exceeds the "
+            f"{ds.num_train_examples} training examples of dataset '{config.dataset.name}'."
+        )
+    num_train_steps = config.num_train_steps
+    if num_train_steps <= 0:
+        num_train_steps = int(config.num_epochs * steps_per_epoch)
+    learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
+    replicated = sharding.replicated_sharding(mesh)
+    train_step_fn = functools.partial(
+        train_step,
+        learning_rate_fn=learning_rate_fn,
+        preprocess_fn=ds.device_preprocess,
+        label_smoothing=config.label_smoothing,
+        ema_decay=config.ema_decay,
+    )
+    eval_step_fn = functools.partial(eval_step, preprocess_fn=ds.device_preprocess)
+    return Experiment(
+        mesh=mesh,
+        dataset=ds,
+        steps_per_epoch=steps_per_epoch,
+        num_train_steps=num_train_steps,
+        learning_rate_fn=learning_rate_fn,
+        state=create_train_state(config, model, ds.image_size, learning_rate_fn, mesh),
+        rngs=create_rngs(config, mesh),
+        train_step=jax.jit(train_step_fn, donate_argnums=0, out_shardings=replicated),
+        eval_step=jax.jit(eval_step_fn, out_shardings=replicated),
+    )
+
+
+def _log_experiment(config: ml_collections.ConfigDict, exp: Experiment) -> None:
+    num_devices = exp.mesh.devices.size
+    warmup_steps = min(int(config.warmup_epochs * exp.steps_per_epoch), exp.num_train_steps)
+    logging.info(
+        "Model %s: %d parameters; dataset %s: %d train / %d eval examples at %dx%d.",
+        config.model_name,
+        count_params(exp.state.params),
+        config.dataset.name,
+        exp.dataset.num_train_examples,
+        exp.dataset.num_eval_examples,
+        exp.dataset.image_size,
+        exp.dataset.image_size,
+    )
+    logging.info(
+        "Global batch %d = %d per device x %d devices (%d processes); %d steps/epoch, "
+        "%d train steps (%.2f epochs).",
+        config.global_batch_size,
+        config.global_batch_size // num_devices,
+        num_devices,
+        jax.process_count(),
+        exp.steps_per_epoch,
+        exp.num_train_steps,
+        exp.num_train_steps / exp.steps_per_epoch,
+    )
+    logging.info(
+        "Learning rate: peak %.4g = %g x %d / 256, linear warm-up over %d steps, cosine decay "
+        "to 0 at step %d; weight decay %g, momentum %g%s, label smoothing %g, EMA decay %g.",
+        float(exp.learning_rate_fn(warmup_steps)),
+        config.learning_rate,
+        config.global_batch_size,
+        warmup_steps,
+        exp.num_train_steps,
+        config.weight_decay,
+        config.momentum,
+        " (Nesterov)" if config.nesterov else "",
+        config.label_smoothing,
+        config.ema_decay,
+    )
+
+
+def eval_loop(exp: Experiment, state: TrainState) -> dict[str, float]:
+    """Exact metrics over the whole eval split: padded examples are masked out."""
+    total = None
+    for batch in sharding.prefetch_to_device(exp.dataset.eval_iter(), exp.mesh):
+        batch_metrics = exp.eval_step(state, batch, exp.rngs)
+        total = batch_metrics if total is None else total.merge(batch_metrics)
+    results = {name: float(value) for name, value in total.compute().items()}
+    return results | {"num_examples": int(total.loss.count)}
+
+
+def _check_finite(state: TrainState, config: ml_collections.ConfigDict, manager: Any) -> None:
+    """Stops training (FloatingPointError) after a non-finite step unless skipping is enabled."""
+    if config.skip_nonfinite_steps or int(state.nonfinite_steps) == 0:
+        return
+    manager.wait_until_finished()
+    last_good = manager.latest_step()
+    kept = (
+        f"the last good checkpoint, step {last_good} in {manager.directory}, is kept"
+        if last_good is not None
+        else "no checkpoint had been saved yet"
+    )
+    raise FloatingPointError(
+        f"Non-finite loss or gradients in step {int(state.first_nonfinite_step) + 1} (its update "
+        f"was not applied); training stopped and {kept}. Resume with a lower "
+        "--config.learning_rate or with --config.grad_clip_norm, or pass "
+        "--config.skip_nonfinite_steps=True to skip such steps."
+    )
+
+
+@contextlib.contextmanager
+def stop_requested_by_signal() -> Iterator[threading.Event]:
+    """An Event set by SIGTERM or SIGINT (a second SIGINT interrupts at once).
+
+    The training loop checks it after every step, saves a checkpoint and returns, so a
+    preempted job resumes where it stopped. Only the main thread can install the handlers.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logging.warning(
+            "Received %s; stopping after the current step.", signal.Signals(signum).name
+        )
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, old_handler in previous.items():
+            signal.signal(sig, old_handler)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, run_eval: bool = True
+) -> dict[str, Any]:
+    """Trains (resuming from WORKDIR/checkpoints if present), evaluates, returns final metrics.
+
+    Writes TensorBoard events, config.json and final_metrics.json to `workdir`; evaluates every
+    `config.eval_every_epochs` and at the end when `run_eval`. SIGTERM/SIGINT stop the run
+    after the current step with a checkpoint; the returned metrics then have 'stopped_early'.
+    """
+    exp = create_experiment(config)
+    _log_experiment(config, exp)
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        checkpoint.save_config(workdir, config)
+    manager = checkpoint.create_checkpoint_manager(
+        os.path.join(workdir, checkpoint.CHECKPOINT_DIR), config.keep_checkpoints
+    )
+    writer = metric_writers.create_metric_writer(workdir, write_files=is_chief)
+    try:
+        with stop_requested_by_signal() as stop:
+            final = _train(config, exp, manager, writer, run_eval, stop)
+    finally:
+        manager.close()  # waits for pending asynchronous saves
+        writer.close()
+    if is_chief:
+        metric_writers.write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
+    logging.info("Final metrics: %s", final)
+    return final
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    exp: Experiment,
+    manager: Any,
+    writer: metric_writers.MetricWriter,
+    run_eval: bool,
+    stop: threading.Event,
+) -> dict[str, Any]:
+    """The training loop of `train_and_evaluate`."""
+    state = exp.state
+    if manager.latest_step() is not None:
+        logging.info("Resuming from step %d in %s.", manager.latest_step(), manager.directory)
+        state = checkpoint.restore(manager, manager.latest_step(), state)
+    start_step = int(state.step)
+    if start_step == 0:
+        writer.write_hparams(checkpoint.config_to_dict(config))
+    eval_every = int(config.eval_every_epochs * exp.steps_per_epoch) if run_eval else 0
+    train_iter = sharding.prefetch_to_device(exp.dataset.train_iter(start_step), exp.mesh)
+    progress = metric_writers.ProgressLogger(
+        exp.num_train_steps, config.global_batch_size, start_step
+    )
+    train_metrics, eval_metrics, summary = None, {}, {}
+    start_time = time.perf_counter()
+    for step in range(start_step, exp.num_train_steps):
+        state, step_metrics = exp.train_step(state, next(train_iter), exp.rngs)
+        train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+        done, is_last = step + 1, step + 1 == exp.num_train_steps
+        if done % config.log_every_steps == 0 or is_last or stop.is_set():
+            _check_finite(state, config, manager)
+            summary = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()}
+            summary |= progress(done) | {"nonfinite_steps": int(state.nonfinite_steps)}
+            writer.write_scalars(done, summary)
+            train_metrics = None
+        evaluated = run_eval and (is_last or (eval_every > 0 and done % eval_every == 0))
+        if evaluated:
+            eval_metrics = eval_loop(exp, state)
+            writer.write_scalars(done, {f"eval_{k}": v for k, v in eval_metrics.items()})
+        if evaluated or is_last or stop.is_set() or done % config.checkpoint_every_steps == 0:
+            _check_finite(state, config, manager)
+            checkpoint.save(manager, state, config, eval_metrics if evaluated else None)
+        if stop.is_set() and not is_last:
+            logging.warning(
+                "Stopped at step %d with a checkpoint in %s; run the same command to resume.",
+                done,
+                manager.directory,
+            )
+            return summary | {"step": done, "stopped_early": True}
+    if run_eval and not eval_metrics:
+        eval_metrics = eval_loop(exp, state)
+    return (
+        {f"eval_{k}": v for k, v in eval_metrics.items()}
+        | summary
+        | {
+            "step": int(state.step),
+            "num_params": count_params(state.params),
+            "train_time_sec": time.perf_counter() - start_time,
+            "nonfinite_steps": int(state.nonfinite_steps),
+        }
+    )
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint_ref: str = "") -> dict:
+    """Eval-only: restores a checkpoint ('' latest in workdir, a step, or a path) and evaluates.
+
+    Writes `eval_metrics.json` (with the checkpoint's step and directory) to `workdir`.
+    """
+    directory, step = checkpoint.resolve_checkpoint(workdir, checkpoint_ref)
+    exp = create_experiment(config)
+    manager = checkpoint.create_checkpoint_manager(directory, read_only=True)
+    state = checkpoint.restore(manager, step, exp.state)
+    manager.close()
+    logging.info("Evaluating checkpoint step %d from %s.", step, directory)
+    results = {f"eval_{k}": v for k, v in eval_loop(exp, state).items()}
+    results |= {"step": step, "checkpoint_dir": directory}
+    if jax.process_index() == 0:
+        metric_writers.write_json(os.path.join(workdir, EVAL_METRICS_FILE), results)
+    logging.info("Eval metrics: %s", results)
+    return results

@@ -1,0 +1,243 @@
+"""The training loop on CPU: 8 fake devices (tests/conftest.py), tiny models, digits at 32x32."""
+
+import itertools
+import json
+import logging
+import os
+import signal
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import demo
+from lambdanet import data, sharding, train
+
+
+def _losses(exp: train.Experiment, num_steps: int) -> list[float]:
+    state, losses = exp.state, []
+    batches = sharding.prefetch_to_device(exp.dataset.train_iter(0), exp.mesh)
+    for batch in itertools.islice(batches, num_steps):
+        state, step_metrics = exp.train_step(state, batch, exp.rngs)
+        losses.append(float(step_metrics.loss.compute()))
+    return losses
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine(tiny_config):
+    tiny_config.global_batch_size, tiny_config.warmup_epochs = 1024, 5.0
+    lr = train.create_learning_rate_fn(tiny_config, steps_per_epoch=100, num_train_steps=1000)
+    peak = tiny_config.learning_rate * 1024 / 256
+    expected = {0: 0.0, 250: peak / 2, 500: peak, 750: peak / 2, 1000: 0.0}
+    for step, value in expected.items():
+        assert float(lr(step)) == pytest.approx(value, abs=1e-6), step
+
+
+def test_weight_decay_skips_1d_params_and_clipping_bounds_the_update(tiny_config):
+    tiny_config.weight_decay, tiny_config.momentum, tiny_config.grad_clip_norm = 0.5, 0.0, 1.0
+    tx = train.create_optimizer(tiny_config, optax.constant_schedule(1.0))
+    params = {"conv": {"kernel": jnp.ones((2, 2))}, "bn": {"scale": jnp.ones(2)}}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates["conv"]["kernel"], -0.5)  # -lr * wd * kernel
+    np.testing.assert_allclose(updates["bn"]["scale"], 0.0)
+    big = jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), params)
+    tiny_config.weight_decay = 0.0
+    tx = train.create_optimizer(tiny_config, optax.constant_schedule(1.0))
+    updates, _ = tx.update(big, tx.init(params), params)
+    assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_label_smoothing_matches_the_formula():
+    logits = jnp.array([[2.0, 0.0, -1.0]])
+    targets = jax.nn.one_hot(jnp.array([0]), 3)
+    log_p = jax.nn.log_softmax(logits)[0]
+    expected = -(0.9 + 0.1 / 3) * log_p[0] - (0.1 / 3) * (log_p[1] + log_p[2])
+    loss = train.cross_entropy_loss(logits.astype(jnp.bfloat16), targets, 0.1)
+    assert loss.dtype == jnp.float32
+    assert float(loss[0]) == pytest.approx(float(expected), rel=1e-2)
+
+
+def test_sharded_step_matches_one_device_fits_a_batch_and_evaluates_exactly(tiny_config):
+    tiny_config.dataset.eval_split = "train"  # 1,003 eval examples: not a multiple of 8 x 32
+    tiny_config.dataset.max_eval_examples = 1003
+    tiny_config.num_train_steps = 1000  # a nearly constant learning rate for the steps below
+    exp8 = train.create_experiment(tiny_config)
+    exp1 = train.create_experiment(tiny_config, devices=jax.devices()[:1])
+    assert exp8.mesh.devices.size == 8 and exp1.mesh.devices.size == 1
+    initial_params = jax.device_get(exp8.state.params)
+    batch = next(exp8.dataset.train_iter(0))
+    batch8 = sharding.shard_batch(batch, exp8.mesh)
+    state8, metrics8 = exp8.train_step(exp8.state, batch8, exp8.rngs)
+    state1, metrics1 = exp1.train_step(
+        exp1.state, sharding.shard_batch(batch, exp1.mesh), exp1.rngs
+    )
+
+    # Same update (BatchNorm statistics over the global batch on both meshes).
+    chex.assert_trees_all_close(state8.params, state1.params, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(state8.batch_stats, state1.batch_stats, rtol=1e-4, atol=1e-5)
+    assert float(metrics8.loss.compute()) == pytest.approx(float(metrics1.loss.compute()), 1e-5)
+    moved = jax.tree.map(lambda a, b: not np.allclose(a, b), initial_params, state8.params)
+    assert any(jax.tree.leaves(moved))
+
+    losses = [float(metrics8.loss.compute())]
+    for _ in range(19):
+        state8, step_metrics = exp8.train_step(state8, batch8, exp8.rngs)
+        losses.append(float(step_metrics.loss.compute()))
+    assert np.mean(losses[-4:]) < 0.8 * losses[0], losses
+
+    eval8 = train.eval_loop(exp8, state8)
+    state_on_1 = jax.device_put(state8, sharding.replicated_sharding(exp1.mesh))
+    eval1 = train.eval_loop(exp1, state_on_1)
+    assert eval8["num_examples"] == eval1["num_examples"] == 1003
+    assert eval8["top1"] == eval1["top1"]
+    assert eval8["loss"] == pytest.approx(eval1["loss"], rel=1e-5)
+
+
+def test_same_seed_gives_identical_losses_for_20_steps(tiny_config):
+    first = _losses(train.create_experiment(tiny_config), 20)
+    second = _losses(train.create_experiment(tiny_config), 20)
+    assert first == second
+    assert len(set(first)) > 1
+    tiny_config.seed = 1  # another init and dropout, the same data
+    assert _losses(train.create_experiment(tiny_config), 20) != first
+
+
+def test_nonfinite_step_leaves_the_state_unchanged(tiny_config):
+    exp = train.create_experiment(tiny_config)
+    batch = next(exp.dataset.train_iter(0))
+    batch["image"] = batch["image"].astype(np.float32)
+    batch["image"][0, 0, 0, 0] = np.nan
+    before = jax.device_get((exp.state.params, exp.state.opt_state, exp.state.batch_stats))
+    state, _ = exp.train_step(exp.state, sharding.shard_batch(batch, exp.mesh), exp.rngs)
+    chex.assert_trees_all_equal(before, (state.params, state.opt_state, state.batch_stats))
+    assert (int(state.step), int(state.nonfinite_steps), int(state.first_nonfinite_step)) == (
+        1,
+        1,
+        0,
+    )
+
+
+class _EditedDataset:
+    """A dataset whose train batches pass through `edit(batch, step)` (images as float32)."""
+
+    def __init__(self, dataset, edit):
+        self._dataset, self._edit, self.start_steps = dataset, edit, []
+
+    def __getattr__(self, name):
+        return getattr(self._dataset, name)
+
+    def train_iter(self, start_step=0):
+        self.start_steps.append(start_step)
+        for step, batch in enumerate(self._dataset.train_iter(start_step), start_step):
+            yield self._edit(batch, step)
+
+
+def _wrap_dataset(monkeypatch, edit) -> list[_EditedDataset]:
+    created = []
+
+    def create_dataset(*args, **kwargs):
+        created.append(_EditedDataset(data.create_dataset(*args, **kwargs), edit))
+        return created[-1]
+
+    monkeypatch.setattr(train, "create_dataset", create_dataset)
+    return created
+
+
+def _final_state(workdir) -> dict:
+    steps = sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())
+    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(steps[-1]) / "state")
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+    tiny_config.checkpoint_every_steps = 100  # only the stop and the end save
+
+    def sigterm_at_step_4(batch, step):
+        if step == 4:  # prefetched as the loop takes batch 3: the run stops after 4 steps
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    created = _wrap_dataset(monkeypatch, lambda batch, step: batch)
+    train.train_and_evaluate(tiny_config, str(tmp_path / "full"), run_eval=False)
+    assert created[-1].start_steps == [0]
+
+    created = _wrap_dataset(monkeypatch, sigterm_at_step_4)
+    stopped = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"), run_eval=False)
+    assert stopped["stopped_early"] and stopped["step"] == 4
+    assert os.listdir(tmp_path / "resumed" / "checkpoints") == ["4"]
+    created = _wrap_dataset(monkeypatch, lambda batch, step: batch)
+    resumed = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"), run_eval=False)
+    assert created[-1].start_steps == [4] and resumed["step"] == 8
+
+    full, restarted = _final_state(tmp_path / "full"), _final_state(tmp_path / "resumed")
+    assert int(full["step"]) == int(restarted["step"]) == 8
+    chex.assert_trees_all_equal(full, restarted)
+
+
+def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(
+    tiny_config, tmp_path, monkeypatch
+):
+    tiny_config.log_every_steps, tiny_config.checkpoint_every_steps = 1, 2
+
+    def nan_at_step_4(batch, step):
+        batch = dict(batch, image=batch["image"].astype(np.float32))
+        if step == 4:
+            batch["image"][:] = np.nan
+        return batch
+
+    _wrap_dataset(monkeypatch, nan_at_step_4)
+    message = r"in step 5 .*last good checkpoint, step 4 in .* is kept"
+    with pytest.raises(FloatingPointError, match=message):
+        train.train_and_evaluate(tiny_config, str(tmp_path / "stop"), run_eval=False)
+    assert sorted(os.listdir(tmp_path / "stop" / "checkpoints")) == ["2", "4"]
+
+    tiny_config.skip_nonfinite_steps = True
+    final = train.train_and_evaluate(tiny_config, str(tmp_path / "skip"), run_eval=False)
+    assert final["step"] == 8 and final["nonfinite_steps"] == 1
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("global_batch_size", 12, "global_batch_size=12 is not divisible by the number of devices"),
+        ("eval_batch_size", 20, "eval_batch_size=20 is not divisible by the number of devices"),
+        ("model_name", "no_such_model", "unknown model 'no_such_model'; registered models: "),
+    ],
+)
+def test_bad_config_fails_before_compiling(tiny_config, field, value, message):
+    tiny_config[field] = value
+    with pytest.raises(ValueError, match=message):
+        train.create_experiment(tiny_config)
+
+
+def test_unknown_dataset_fails_with_the_known_names(tiny_config):
+    tiny_config.dataset.name = "no_such_dataset"
+    with pytest.raises(ValueError, match="Unknown dataset name 'no_such_dataset'"):
+        train.create_experiment(tiny_config)
+
+
+def test_demo_trains_compiles_once_and_eval_only_reproduces_it(tmp_path, caplog):
+    config = demo.get_config()  # shortened: half the width, 60 steps of 64
+    config.model.base_width = 8
+    config.global_batch_size, config.eval_batch_size = 64, 64
+    config.num_train_steps = 60
+    config.log_every_steps = 20
+    workdir = str(tmp_path)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        final = train.train_and_evaluate(config, workdir)
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step)")]
+    assert len(compiles) == 1
+    assert final["step"] == 60 and final["eval_num_examples"] == 300
+    assert final["eval_top1"] > 0.6, final  # chance is 0.1
+    with open(os.path.join(workdir, train.FINAL_METRICS_FILE)) as f:
+        assert json.load(f) == pytest.approx(final)
+
+    latest = train.evaluate(config, workdir)
+    by_path = train.evaluate(config, "unused", os.path.join(workdir, "checkpoints", "60"))
+    for results in (latest, by_path):
+        assert results["step"] == 60
+        for name in ("loss", "top1", "top5", "num_examples"):
+            assert results[f"eval_{name}"] == final[f"eval_{name}"]
