@@ -1,0 +1,524 @@
+"""Training and inference throughput, peak memory and compile time, side by side with timm.
+
+Prints one JSON line per measurement (device, versions, all settings). Protocol (the same for
+lambdanet and the timm peer, ../shared/ANCHORS.md): synthetic inputs already on the device, bf16
+compute, SGD-Nesterov with weight decay and label smoothing 0.1 (lambdanet's own `train_step`,
+EMA off), `--warmup` steps, then the median of `--windows` timed windows of `--steps` steps,
+synchronised with `block_until_ready` (torch: `cuda.synchronize`).
+
+Each measurement runs in a fresh subprocess (unless `--no-isolate`), so that its peak memory is
+its own: JAX reports `peak_bytes_in_use`, torch `max_memory_allocated`. A failure (e.g. out of
+memory) is reported in the record's "error" field, never as a crash.
+
+Modes (`scripts/benchmark.py` is the command line):
+  python scripts/benchmark.py --model resnet50 --peer timm:resnet50
+  python scripts/benchmark.py --model lambda_resnet50ts --peer timm:lambda_resnet50ts --peer-compile
+  python scripts/benchmark.py --layer        # one lambda layer: each implementation and timm's
+  python scripts/benchmark.py --table4       # the paper's Table 4 on this device
+  python scripts/benchmark.py --cost-table   # GPU-hours of every paper config's full schedule
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# JAX must not grab most of the GPU up front: the peer and peak-memory readings share the card.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+LAYER_SHAPES = ((28, 28, 128), (14, 14, 256), (7, 7, 512))  # lambda_resnet50ts, batch 128
+# LambdaLayer settings of each timed variant ("timm" is timm's own LambdaLayer).
+LAYER_VARIANTS = {
+    "einsum": dict(impl="einsum"),
+    "einsum_lambdas": dict(impl="einsum", position_contraction="lambdas"),
+    "einsum_scores": dict(impl="einsum", position_contraction="scores"),
+    "conv": dict(impl="conv"),
+    "timm": None,
+}
+
+
+def _median_rate(run_steps, *, images_per_step, warmup, windows, steps):
+    """Images/s: `warmup` steps, then the median over `windows` windows of `steps` steps."""
+    run_steps(warmup)
+    rates = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        run_steps(steps)
+        rates.append(images_per_step * steps / (time.perf_counter() - start))
+    return statistics.median(rates), rates
+
+
+# Table 4 (PAPER.md §2.2): registry model, row, paper memory (GB), paper inference ex/s on 8 TPUv3
+# cores, and the layer of the analytic memory model (`analysis.table4_memory_gib`).
+TABLE4_ROWS = (
+    ("global_sa_resnet50", "Global self-attention", "120", "OOM", "global_sa", {}),
+    ("axial_sa_resnet50", "Axial self-attention", "4.8", "960", "axial_sa", {}),
+    ("local_sa_resnet50", "Local self-attention (7x7)", "-", "440", "local_sa", {}),
+    ("lambda_resnet50_all", "Lambda layer", "1.9", "1160", "lambda", {}),
+    ("lambda_resnet50_k8", "Lambda layer (|k|=8)", "0.95", "1640", "lambda", dict(dim_k=8)),
+    (
+        "lambda_resnet50_shared",
+        "Lambda layer (shared embeddings)",
+        "0.63",
+        "1210",
+        "lambda_shared",
+        {},
+    ),
+    ("lambda_conv_resnet50", "Lambda convolution (7x7)", "-", "1100", "lambda_conv", {}),
+)
+# Every training config of the paper: configs/NAME.py[:image size] and its epochs.
+COST_CONFIGS = (
+    "resnet50", "lambda_resnet50_all", "lambda_resnet50:128", "lambda_resnet50:160",
+    "lambda_resnet101:160", "lambda_resnet101:192", "lambda_resnet152:192",
+    "lambda_resnet152:224", "lambda_resnet152:256", "lambda_resnet152:288",
+    "lambda_resnet270:256", "lambda_resnet350:256", "lambda_resnet350:288",
+    "lambda_resnet350:320", "lambda_resnet420:320",
+)  # fmt: skip
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def _environment(framework: str) -> dict:
+    import jax
+
+    env = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    if framework == "jax":
+        import flax
+
+        env["flax"] = flax.__version__
+    else:
+        import timm
+        import torch
+
+        env.update(torch=torch.__version__, timm=timm.__version__)
+        if torch.cuda.is_available():
+            env["device"] = torch.cuda.get_device_name()
+    return env
+
+
+def _jax_peak_bytes() -> int | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def load_config(name: str):
+    """`configs/NAME.py` (``NAME:ARG`` passes ARG to its get_config, e.g. an image size)."""
+    import importlib
+
+    module, _, arg = name.partition(":")
+    get_config = importlib.import_module(f"configs.{module}").get_config
+    return get_config(arg) if arg else get_config()
+
+
+def measure_jax_model(spec: dict) -> dict:
+    """lambdanet's train step (train.train_step) or inference on synthetic device inputs."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from lambdanet import sharding, train
+
+    config = load_config(spec.get("config", "resnet50"))
+    if spec.get("model"):
+        config.model_name = spec["model"]
+    config.model.update(spec.get("overrides", {}))
+    config.half_precision = spec["dtype"] == "bfloat16"
+    config.global_batch_size = spec["batch_size"]
+    spec.setdefault("image_size", config.dataset.image_size)
+    config.ema_decay = 0.0
+    config.nesterov, config.label_smoothing = True, 0.1
+    mesh = sharding.create_mesh()
+    size = spec["image_size"]
+    model = train.create_model(config, spec["num_classes"])
+    lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=1000, num_train_steps=100_000)
+    state = train.create_train_state(config, model, size, lr_fn, mesh)
+    key = jax.random.key(0)
+    batch = {
+        "image": jax.random.normal(key, (spec["batch_size"], size, size, 3), jnp.float32),
+        "label": jax.random.randint(key, (spec["batch_size"],), 0, spec["num_classes"]),
+    }
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+    rngs = train.create_rngs(config, mesh)
+    result = {"num_params": train.count_params(state.params), "image_size": size}
+    result |= {"epochs": config.num_epochs, "model": config.model_name}
+
+    if spec["mode"] == "train":
+        step = jax.jit(
+            functools.partial(
+                train.train_step,
+                learning_rate_fn=lr_fn,
+                preprocess_fn=lambda b, rng, train: b,
+                label_smoothing=config.label_smoothing,
+                ema_decay=config.ema_decay,
+            ),
+            donate_argnums=0,
+        )
+        start = time.perf_counter()
+        compiled = step.lower(state, batch, rngs).compile()
+        result["compile_s"] = time.perf_counter() - start
+        holder = [state]
+
+        def run_steps(n):
+            for _ in range(n):
+                holder[0], metrics = compiled(holder[0], batch, rngs)
+            jax.block_until_ready(holder[0].params)
+
+    else:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        start = time.perf_counter()
+        compiled = infer.lower(variables, batch["image"]).compile()
+        result["compile_s"] = time.perf_counter() - start
+
+        def run_steps(n):
+            out = None
+            for _ in range(n):
+                out = compiled(variables, batch["image"])
+            jax.block_until_ready(out)
+
+    rate, rates = _median_rate(
+        run_steps,
+        images_per_step=spec["batch_size"],
+        warmup=spec["warmup"],
+        windows=spec["windows"],
+        steps=spec["steps"],
+    )
+    peak = _jax_peak_bytes()
+    result.update(img_per_s=rate, window_img_per_s=rates)
+    result["peak_gib"] = None if peak is None else peak / 2**30
+    return result
+
+
+def measure_timm_model(spec: dict) -> dict:
+    """timm model: bf16 autocast, SGD-Nesterov + weight decay, label smoothing, channels_last."""
+    import timm
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = spec["model"].split(":", 1)[1]
+    size, batch_size = spec["image_size"], spec["batch_size"]
+    model = timm.create_model(name, num_classes=spec["num_classes"]).to(device)
+    x = torch.randn(batch_size, 3, size, size, device=device)
+    y = torch.randint(0, spec["num_classes"], (batch_size,), device=device)
+    try:  # timm's lambda layer uses a Conv3d, which rejects channels_last inputs
+        model = model.to(memory_format=torch.channels_last)
+        xc = x.to(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+            model.eval()(xc[:2])
+        x, channels_last = xc, True
+    except RuntimeError:
+        model = model.to(memory_format=torch.contiguous_format)
+        channels_last = False
+    run_model = torch.compile(model) if spec.get("compile") else model
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4
+    )
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    if spec["mode"] == "train":
+        model.train()
+
+        def one_step():
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = loss_fn(run_model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    else:
+        model.eval()
+
+        def one_step():
+            with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+                run_model(x)
+
+    start = time.perf_counter()
+    one_step()
+    sync()
+    compile_s = time.perf_counter() - start
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def run_steps(n):
+        for _ in range(n):
+            one_step()
+        sync()
+
+    rate, rates = _median_rate(
+        run_steps,
+        images_per_step=batch_size,
+        warmup=spec["warmup"],
+        windows=spec["windows"],
+        steps=spec["steps"],
+    )
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    return {
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "img_per_s": rate,
+        "window_img_per_s": rates,
+        "peak_gib": peak,
+        "first_step_s": compile_s,
+        "channels_last": channels_last,
+    }
+
+
+def measure_jax_layer(spec: dict) -> dict:
+    """One LambdaLayer forward+backward (bf16) at [b, H, W, d]; milliseconds per call."""
+    import jax
+    import jax.numpy as jnp
+
+    from lambdanet.layers import LambdaLayer
+
+    h, w, d = spec["shape"]
+    settings = LAYER_VARIANTS[spec["impl"]]
+    layer = LambdaLayer(dim_k=16, heads=4, scope_size=spec["scope"], dtype=jnp.bfloat16, **settings)
+    x = jax.random.normal(jax.random.key(0), (spec["batch_size"], h, w, d), jnp.bfloat16)
+    variables = layer.init(jax.random.key(1), x)
+
+    @jax.jit
+    def fwd_bwd(params, x):
+        def loss(params, x):
+            y, _ = layer.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.sum(y.astype(jnp.float32))
+
+        return jax.grad(loss, argnums=(0, 1))(params, x)
+
+    fwd_bwd(variables["params"], x)
+
+    def run_steps(n):
+        out = None
+        for _ in range(n):
+            out = fwd_bwd(variables["params"], x)
+        jax.block_until_ready(out)
+
+    rate, _ = _median_rate(
+        run_steps,
+        images_per_step=1,
+        warmup=spec["warmup"],
+        windows=spec["windows"],
+        steps=spec["steps"],
+    )
+    return {"ms": 1000.0 / rate}
+
+
+def measure_timm_layer(spec: dict) -> dict:
+    """timm's LambdaLayer forward+backward under bf16 autocast; milliseconds per call."""
+    import torch
+    from timm.layers.lambda_layer import LambdaLayer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    h, w, d = spec["shape"]
+    layer = LambdaLayer(d, num_heads=4, dim_head=16, r=spec["scope"]).to(device)
+    x = torch.randn(spec["batch_size"], d, h, w, device=device, requires_grad=True)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run_steps(n):
+        for _ in range(n):
+            with torch.autocast(device, dtype=torch.bfloat16):
+                y = layer(x)
+            y.float().sum().backward()
+        sync()
+
+    rate, _ = _median_rate(
+        run_steps,
+        images_per_step=1,
+        warmup=spec["warmup"],
+        windows=spec["windows"],
+        steps=spec["steps"],
+    )
+    return {"ms": 1000.0 / rate}
+
+
+MEASURES = {
+    ("model", "jax"): measure_jax_model,
+    ("model", "torch"): measure_timm_model,
+    ("layer", "jax"): measure_jax_layer,
+    ("layer", "torch"): measure_timm_layer,
+}
+
+
+def run_measurement(spec: dict) -> dict:
+    is_peer = (spec.get("model") or "").startswith("timm:") or spec.get("impl") == "timm"
+    framework = "torch" if is_peer else "jax"
+    record = dict(spec)
+    try:
+        record |= _environment(framework)
+        record |= MEASURES[spec["kind"], framework](spec)
+    except Exception as error:  # noqa: BLE001 - e.g. out of memory: report it, keep going
+        record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+    return record
+
+
+def run_isolated(spec: dict) -> dict:
+    """`run_measurement` in a fresh Python process (its own peak memory; survives crashes)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "lambdanet.benchmark", "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    for line in reversed(out.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return dict(spec) | {"error": f"worker exited {out.returncode}: {out.stderr[-500:]}"}
+
+
+def _model_spec(args, **fields) -> dict:
+    spec = dict(kind="model", mode="train", image_size=args.image_size, dtype=args.dtype)
+    spec |= dict(num_classes=args.num_classes, batch_size=args.batch_size, warmup=args.warmup)
+    return spec | dict(windows=args.windows, steps=args.steps) | fields
+
+
+def build_specs(args) -> list[dict]:
+    if args.layer:
+        return [
+            dict(kind="layer", shape=shape, impl=impl, scope=args.scope, batch_size=args.batch_size)
+            | dict(warmup=args.warmup, windows=args.windows, steps=args.steps)
+            for shape in LAYER_SHAPES
+            for impl in LAYER_VARIANTS
+        ]
+    if args.table4:
+        return [
+            _model_spec(args, mode="infer", model=name, overrides={}) for name, *_ in TABLE4_ROWS
+        ]
+    specs = []
+    overrides = json.loads(args.overrides)
+    for mode in args.modes.split(","):
+        specs.append(_model_spec(args, mode=mode, model=args.model, overrides=overrides))
+        for peer in args.peer or []:
+            specs.append(_model_spec(args, mode=mode, model=peer, compile=False))
+            if args.peer_compile and mode == "train":
+                specs.append(_model_spec(args, mode=mode, model=peer, compile=True))
+    return specs
+
+
+def _is_out_of_memory(record: dict) -> bool:
+    error = record.get("error", "")
+    return "RESOURCE_EXHAUSTED" in error or "out of memory" in error.lower()
+
+
+def cost_table(args, measure) -> list[dict]:
+    """Training img/s of every paper config at its resolution (batch halved until it fits, as
+    ResNet-RS measured latency) and the GPU-hours of its whole schedule."""
+    records = []
+    for name in COST_CONFIGS:
+        batch_size = args.batch_size
+        while True:
+            spec = _model_spec(args, config=name, model=None, batch_size=batch_size)
+            del spec["image_size"]  # the config's
+            record = measure(spec)
+            if not _is_out_of_memory(record) or batch_size <= 8:
+                break
+            batch_size //= 2
+        if "img_per_s" in record:
+            hours = record["epochs"] * IMAGENET_TRAIN_EXAMPLES / record["img_per_s"] / 3600
+            record |= dict(gpu_hours_1gpu=hours, wall_hours_8gpu_linear=hours / 8)
+        print(json.dumps(record), flush=True)
+        records.append(record)
+    return records
+
+
+def _markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def _fmt(value, digits=0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table4_markdown(records: list[dict]) -> str:
+    from lambdanet import analysis
+
+    rows = []
+    for (name, row, paper_mem, paper_rate, layer, kwargs), record in zip(
+        TABLE4_ROWS, records, strict=True
+    ):
+        analytic = analysis.table4_memory_gib(layer, **kwargs)
+        rate = record.get("error", "OOM")[:40] if "img_per_s" not in record else record["img_per_s"]
+        rate = _fmt(rate) if isinstance(rate, float) else rate
+        rows.append(
+            [
+                row,
+                name,
+                paper_mem,
+                f"{analytic:.3g}",
+                _fmt(record.get("peak_gib"), 2),
+                paper_rate,
+                rate,
+            ]
+        )
+    header = ["Layer (Table 4)", "model", "paper GB", "analytic GiB", "peak GiB", "paper ex/s",
+              "ex/s here"]  # fmt: skip
+    return _markdown(header, rows)
+
+
+def cost_markdown(records: list[dict]) -> str:
+    rows = [
+        [r["config"], r.get("image_size", "-"), _fmt(r.get("epochs")), r["batch_size"],
+         _fmt(r.get("img_per_s")), _fmt(r.get("gpu_hours_1gpu")),
+         _fmt(r.get("wall_hours_8gpu_linear"), 1), r.get("error", "")[:60]]
+        for r in records
+    ]  # fmt: skip
+    header = ["config", "image size", "epochs", "batch", "train img/s", "GPU-hours (1 GPU)",
+              "hours on 8 GPUs (linear)", "error"]  # fmt: skip
+    return _markdown(header, rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="resnet50", help="a lambdanet registry name")
+    parser.add_argument("--overrides", default="{}", help="JSON dict of create_model overrides")
+    parser.add_argument("--peer", action="append", help="timm:MODEL, measured in the same run")
+    parser.add_argument("--peer-compile", action="store_true", help="also torch.compile the peer")
+    parser.add_argument("--modes", default="train,infer")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument(
+        "--layer", action="store_true", help="time one lambda layer (ours and timm's) instead"
+    )
+    parser.add_argument("--scope", type=int, default=9, help="lambda layer scope r (--layer)")
+    parser.add_argument("--table4", action="store_true", help="the paper's Table 4 (inference)")
+    parser.add_argument("--cost-table", action="store_true", help="GPU-hours of paper configs")
+    parser.add_argument("--no-isolate", action="store_true", help="measure in this process")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_measurement(json.loads(args.worker))), flush=True)
+        return
+    measure = run_measurement if args.no_isolate else run_isolated
+    if args.cost_table:
+        print(cost_markdown(cost_table(args, measure)))
+        return
+    records = []
+    for spec in build_specs(args):
+        records.append(measure(spec))
+        print(json.dumps(records[-1]), flush=True)
+    if args.table4:
+        print(table4_markdown(records))
+
+
+if __name__ == "__main__":
+    main()
