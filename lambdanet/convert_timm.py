@@ -36,7 +36,6 @@ import orbax.checkpoint as ocp
 
 from lambdanet import checkpoint
 from lambdanet.models import create_model
-from lambdanet.models.byoanet import TIMM_PORTS
 
 WEIGHTS_STEP = 0
 _BLOCK = re.compile(r"^c(\d+)_block(\d+)$")
@@ -139,7 +138,7 @@ def _architecture(name: str) -> Architecture:
 def build_model(name: str, **overrides: Any) -> nn.Module:
     """The lambdanet model ``name`` (a timm port or a registered model) with ``overrides``."""
     _architecture(name)
-    return TIMM_PORTS[name](**overrides) if name in TIMM_PORTS else create_model(name, **overrides)
+    return create_model(name, **overrides)
 
 
 def timm_key(name: str, path: tuple[str, ...]) -> str:

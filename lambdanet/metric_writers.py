@@ -14,6 +14,7 @@ Both expose `write_scalars(step, scalars)`, `write_hparams(hparams)`, `flush()` 
 
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -63,17 +64,25 @@ class ConsoleWriter:
 
 
 class TensorBoardWriter:
-    """TensorBoard event files without TensorFlow (`tensorboard.summary.writer`)."""
+    """TensorBoard event files without TensorFlow, on a local filesystem.
+
+    Records are written with `tensorboard`'s own `RecordWriter` to a plain file: tensorboard's
+    `EventFileWriter` would import TensorFlow for its file system layer when it is installed.
+    """
 
     def __init__(self, logdir: str):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.summary.writer.record_writer import RecordWriter
 
-        self._writer = EventFileWriter(logdir)
+        os.makedirs(logdir, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self._records = RecordWriter(open(os.path.join(logdir, name), "wb"))
+        self._add_event(file_version="brain.Event:2")
 
-    def _add_summary(self, step: int, summary: Any) -> None:
+    def _add_event(self, step: int = 0, **fields: Any) -> None:
         from tensorboard.compat.proto import event_pb2
 
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+        event = event_pb2.Event(wall_time=time.time(), step=step, **fields)
+        self._records.write(event.SerializeToString())
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         from tensorboard.compat.proto import summary_pb2
@@ -82,7 +91,7 @@ class TensorBoardWriter:
             summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
             for tag, value in scalars.items()
         ]
-        self._add_summary(step, summary_pb2.Summary(value=values))
+        self._add_event(step, summary=summary_pb2.Summary(value=values))
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         from tensorboard.plugins.hparams import summary_v2
@@ -91,13 +100,13 @@ class TensorBoardWriter:
             k: v if isinstance(v, bool | int | float | str) else str(v)
             for k, v in _flatten(hparams).items()
         }
-        self._add_summary(0, summary_v2.hparams_pb(flat))
+        self._add_event(0, summary=summary_v2.hparams_pb(flat))
 
     def flush(self) -> None:
-        self._writer.flush()
+        self._records.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        self._records.close()
 
 
 class MultiWriter:

@@ -1,8 +1,6 @@
 """The training loop on CPU: 8 fake devices (tests/conftest.py), tiny models, digits at 32x32."""
 
 import itertools
-import json
-import logging
 import os
 import signal
 
@@ -14,7 +12,6 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import demo
 from lambdanet import data, sharding, train
 
 
@@ -217,27 +214,3 @@ def test_unknown_dataset_fails_with_the_known_names(tiny_config):
     tiny_config.dataset.name = "no_such_dataset"
     with pytest.raises(ValueError, match="Unknown dataset name 'no_such_dataset'"):
         train.create_experiment(tiny_config)
-
-
-def test_demo_trains_compiles_once_and_eval_only_reproduces_it(tmp_path, caplog):
-    config = demo.get_config()  # shortened: half the width, 60 steps of 64
-    config.model.base_width = 8
-    config.global_batch_size, config.eval_batch_size = 64, 64
-    config.num_train_steps = 60
-    config.log_every_steps = 20
-    workdir = str(tmp_path)
-    with jax.log_compiles(), caplog.at_level(logging.WARNING):
-        final = train.train_and_evaluate(config, workdir)
-    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step)")]
-    assert len(compiles) == 1
-    assert final["step"] == 60 and final["eval_num_examples"] == 300
-    assert final["eval_top1"] > 0.6, final  # chance is 0.1
-    with open(os.path.join(workdir, train.FINAL_METRICS_FILE)) as f:
-        assert json.load(f) == pytest.approx(final)
-
-    latest = train.evaluate(config, workdir)
-    by_path = train.evaluate(config, "unused", os.path.join(workdir, "checkpoints", "60"))
-    for results in (latest, by_path):
-        assert results["step"] == 60
-        for name in ("loss", "top1", "top5", "num_examples"):
-            assert results[f"eval_{name}"] == final[f"eval_{name}"]

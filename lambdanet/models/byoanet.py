@@ -238,19 +238,11 @@ class ByoaResNet(nn.Module):
 
 _26 = (2, 2, 2, 2)
 _50 = (3, 4, 6, 3)
-_TIMM_CONFIGS: dict[str, dict[str, Any]] = {
+# timm's architectures (byoanet.py / resnet.py model_cfgs) as ByoaResNet arguments; the registry
+# builds them by these names.
+TIMM_CONFIGS: dict[str, dict[str, Any]] = {
     "resnet26t": dict(stage_sizes=_26, placement="C,C,C,C", shortcut="avg"),
     "lambda_resnet26t": dict(stage_sizes=_26, placement="C,C,CL,L"),
     "lambda_resnet50ts": dict(stage_sizes=_50, placement="C,CCCL,CLCLCL,CLC", activation="silu"),
     "lambda_resnet26rpt_256": dict(stage_sizes=_26, placement="C,C,CL,L", scope_size=None),
-}
-
-
-def _port(name: str, **overrides: Any) -> ByoaResNet:
-    return ByoaResNet(**{**_TIMM_CONFIGS[name], **overrides})
-
-
-# name -> constructor(**overrides of ByoaResNet attributes, e.g. num_classes, dtype, impl).
-TIMM_PORTS: dict[str, Callable[..., nn.Module]] = {
-    name: functools.partial(_port, name) for name in _TIMM_CONFIGS
 }

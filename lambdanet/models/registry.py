@@ -7,11 +7,13 @@ Two families of lambda models:
   * "lambda_resnet": the LambdaResNets of Figure 4: ResNet-RS (ResNet-D stem and shortcut, stem
     pool conv, SE 0.25 in conv blocks) with lambda layers uniformly spaced in c4 and in all of
     c5 (``placement="paper"``).
-plus "resnet_rs", the ResNet-RS baselines.
+plus "resnet_rs", the ResNet-RS baselines, and "timm_port": timm's `resnet26t`,
+`lambda_resnet26t`, `lambda_resnet50ts` and `lambda_resnet26rpt_256` (`ByoaResNet`, the same
+networks as timm's, for side-by-side benchmarks and converted weights).
 
-``create_model(name, **overrides)`` returns a `ResNet`; overrides are any of its attributes
-(num_classes, dtype, placement, dim_k, heads, dim_u, scope_size, impl, drop_path_rate,
-dropout_rate, remat, shared_embeddings, ...).
+``create_model(name, **overrides)`` returns a `ResNet` (a `ByoaResNet` for the timm ports);
+overrides are any of its attributes (num_classes, dtype, placement, dim_k, heads, dim_u,
+scope_size, impl, drop_path_rate, dropout_rate, remat, shared_embeddings, ...).
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
+
+from lambdanet.models.byoanet import TIMM_CONFIGS, ByoaResNet
 from lambdanet.models.placement import STAGE_SIZES
 from lambdanet.models.resnet import ResNet
 
-FAMILIES = ("table3_4", "resnet_rs", "lambda_resnet")
+FAMILIES = ("table3_4", "resnet_rs", "lambda_resnet", "timm_port")
 RESNET_RS = dict(deep_stem=True, replace_stem_pool=True, avg_down=True, se_ratio=0.25)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
-    """A registered model: its ResNet arguments and what the paper reports for it.
+    """A registered model: its architecture's arguments and what the paper reports for it.
 
     ``paper_params_m`` is the paper's parameter count in millions where it gives one (the
     source is in ``description``); None where the paper gives none.
@@ -40,13 +45,14 @@ class ModelEntry:
     config: Mapping[str, Any]
     description: str
     paper_params_m: float | None = None
+    architecture: type[nn.Module] = ResNet
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def _register(name, family, description, paper_params_m=None, **config) -> None:
-    _REGISTRY[name] = ModelEntry(name, family, config, description, paper_params_m)
+def _register(name, family, description, paper_params_m=None, architecture=ResNet, **config):
+    _REGISTRY[name] = ModelEntry(name, family, config, description, paper_params_m, architecture)
 
 
 def _register_all() -> None:
@@ -120,6 +126,9 @@ def _register_all() -> None:
             placement="paper",
             **rs,
         )
+    for name, config in TIMM_CONFIGS.items():
+        description = f"port of timm's {name} (byoanet), same parameters and logits"
+        _register(name, "timm_port", description, architecture=ByoaResNet, **config)
 
 
 _register_all()
@@ -139,11 +148,12 @@ def model_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, **overrides: Any) -> ResNet:
-    """Builds the registered model ``name``, with ``overrides`` of `ResNet` attributes."""
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Builds the registered model ``name``, with ``overrides`` of its architecture's attributes
+    (`ResNet`, or `ByoaResNet` for the timm ports)."""
     entry = model_entry(name)
-    fields = {f.name for f in dataclasses.fields(ResNet)} - {"parent", "name"}
+    fields = {f.name for f in dataclasses.fields(entry.architecture)} - {"parent", "name"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for {name!r}; valid: {sorted(fields)}")
-    return ResNet(**{**entry.config, **overrides})
+    return entry.architecture(**{**entry.config, **overrides})

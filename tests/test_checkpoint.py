@@ -1,0 +1,99 @@
+"""Checkpoints: keep the last k and the best, resolve --checkpoint, refuse other architectures."""
+
+import os
+
+import jax.numpy as jnp
+import ml_collections
+import optax
+import pytest
+
+from lambdanet import checkpoint, train
+
+CONFIG = ml_collections.ConfigDict(dict(model_name="toy"))
+
+
+def _state(step: int, width: int = 4, extra: bool = False) -> train.TrainState:
+    params = {
+        "conv": {"kernel": jnp.full((3, 3, 2, width), float(step))},
+        "bn": {"scale": jnp.ones(2)},
+    }
+    if extra:
+        params["head"] = {"kernel": jnp.ones((width, 10))}
+    return train.TrainState.create(
+        apply_fn=None,
+        params=params,
+        tx=optax.sgd(0.1, momentum=0.9),
+        batch_stats={"bn": {"mean": jnp.zeros(2)}},
+        ema_params=None,
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+        first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    ).replace(step=jnp.asarray(step, jnp.int32))
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A workdir with steps 1..6 saved (keep 2); steps 2 and 4 were evaluated (top-1 0.9, 0.5)."""
+    manager = checkpoint.create_checkpoint_manager(tmp_path / checkpoint.CHECKPOINT_DIR, 2)
+    for step in range(1, 7):
+        metrics = {2: {"top1": 0.9}, 4: {"top1": 0.5}}.get(step)
+        checkpoint.save(manager, _state(step), CONFIG, metrics)
+    manager.close()
+    return tmp_path
+
+
+def test_keeps_the_last_k_and_the_best(workdir):
+    assert checkpoint.list_steps(workdir / checkpoint.CHECKPOINT_DIR) == [2, 5, 6]
+
+
+def test_restores_the_saved_state(workdir):
+    manager = checkpoint.create_checkpoint_manager(workdir / "checkpoints", read_only=True)
+    restored = checkpoint.restore(manager, 5, _state(0))
+    assert int(restored.step) == 5
+    assert float(restored.params["conv"]["kernel"][0, 0, 0, 0]) == 5.0
+    assert restored.opt_state[0].trace["conv"]["kernel"].shape == (3, 3, 2, 4)
+
+
+def test_resolves_latest_step_and_paths(workdir):
+    directory = os.path.abspath(workdir / checkpoint.CHECKPOINT_DIR)
+    assert checkpoint.resolve_checkpoint(str(workdir)) == (directory, 6)
+    assert checkpoint.resolve_checkpoint(str(workdir), "2") == (directory, 2)
+    assert checkpoint.resolve_checkpoint("elsewhere", str(workdir)) == (directory, 6)
+    assert checkpoint.resolve_checkpoint("elsewhere", directory) == (directory, 6)
+    assert checkpoint.resolve_checkpoint("elsewhere", os.path.join(directory, "5")) == (
+        directory,
+        5,
+    )
+
+
+@pytest.mark.parametrize(
+    "ref, message",
+    [
+        ("3", r"Checkpoint step 3 does not exist; in .*checkpoints available steps: \[2, 5, 6\]"),
+        ("no/such/dir", r"no/such/dir does not exist; in .*available steps: \[2, 5, 6\]"),
+    ],
+)
+def test_missing_step_or_path_lists_the_available_steps(workdir, ref, message):
+    with pytest.raises(ValueError, match=message):
+        checkpoint.resolve_checkpoint(str(workdir), ref)
+
+
+def test_empty_workdir_says_there_is_nothing_to_evaluate(tmp_path):
+    with pytest.raises(ValueError, match="No checkpoint to evaluate; .* holds no complete"):
+        checkpoint.resolve_checkpoint(str(tmp_path))
+
+
+def test_unfinished_save_is_not_listed(workdir):
+    os.makedirs(workdir / checkpoint.CHECKPOINT_DIR / "7.orbax-checkpoint-tmp-1234" / "state")
+    assert checkpoint.resolve_checkpoint(str(workdir))[1] == 6
+
+
+def test_other_architecture_lists_the_mismatched_parameters(workdir):
+    manager = checkpoint.create_checkpoint_manager(workdir / "checkpoints", read_only=True)
+    with pytest.raises(ValueError) as error:
+        checkpoint.restore(manager, 6, _state(0, width=8, extra=True))
+    message = str(error.value)
+    assert "written by model_name='toy'" in message
+    assert "params/conv/kernel: checkpoint (3, 3, 2, 4) vs model (3, 3, 2, 8)" in message
+    assert "opt_state/0/trace/conv/kernel: checkpoint (3, 3, 2, 4)" in message
+    assert "params/head/kernel: only in the model" in message
+    assert "params/bn/scale" not in message
