@@ -62,7 +62,10 @@ def create_checkpoint_manager(
         ]
     )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=preservation, enable_async_checkpointing=True, read_only=read_only
+        preservation_policy=preservation,
+        enable_async_checkpointing=True,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,  # leftovers of a save that was killed
     )
     handlers = {name: handler() for name, handler in _ITEM_HANDLERS.items()}
     return ocp.CheckpointManager(

@@ -38,9 +38,10 @@ from absl import logging
 from clu import metrics
 from flax import linen as nn
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
 from lambdanet import checkpoint, metric_writers, models, sharding
-from lambdanet.data import create_dataset
+from lambdanet.data import Dataset, create_dataset
 
 FINAL_METRICS_FILE = "final_metrics.json"
 EVAL_METRICS_FILE = "eval_metrics.json"
@@ -96,7 +97,7 @@ def cross_entropy_loss(
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def one_hot_targets(batch: dict[str, jax.Array], num_classes: int) -> jax.Array:
+def batch_targets(batch: dict[str, jax.Array], num_classes: int) -> jax.Array:
     """The batch's 'soft_label' (mixup) if present, else one-hot 'label': [b, classes]."""
     if "soft_label" in batch:
         return batch["soft_label"]
@@ -186,7 +187,7 @@ def train_step(
             rngs={"dropout": step_rngs["dropout"]},
             mutable=["batch_stats"],
         )
-        targets = one_hot_targets(batch, logits.shape[-1])
+        targets = batch_targets(batch, logits.shape[-1])
         loss = cross_entropy_loss(logits, targets, label_smoothing)
         return loss.mean(), (loss, logits, new_model_state["batch_stats"])
 
@@ -239,7 +240,7 @@ def eval_step(
     logits = state.apply_fn(
         {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=False
     )
-    loss = cross_entropy_loss(logits, one_hot_targets(batch, logits.shape[-1]))
+    loss = cross_entropy_loss(logits, batch_targets(batch, logits.shape[-1]))
     return EvalMetrics.single_from_model_output(
         **compute_metrics(logits, batch["label"], loss, batch["mask"])
     )
@@ -276,15 +277,20 @@ def create_train_state(
 
 
 def create_rngs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    """Base keys: augmentation from `config.data_seed`, dropout/stochastic depth from `seed`."""
-    rngs = {
-        "augment": jax.random.key(config.data_seed),
-        "dropout": jax.random.fold_in(jax.random.key(config.seed), 1),
-    }
-    return jax.device_put(rngs, sharding.replicated_sharding(mesh))
+    """Base keys, replicated: augmentation from `config.data_seed`, dropout and stochastic depth
+    from `config.seed` (initialisation uses `fold_in(key(seed), 0)`, these `fold_in(.., 1)`)."""
+
+    def keys():
+        return {
+            "augment": jax.random.key(config.data_seed),
+            "dropout": jax.random.fold_in(jax.random.key(config.seed), 1),
+        }
+
+    return jax.jit(keys, out_shardings=sharding.replicated_sharding(mesh))()
 
 
 def count_params(params: Any) -> int:
+    """Number of scalars in a parameter tree."""
     return sum(x.size for x in jax.tree.leaves(params))
 
 
@@ -293,11 +299,12 @@ class Experiment:
     """Everything a run needs, built and checked before anything is compiled.
 
     train_step(state, batch, rngs) -> (state, TrainMetrics) and eval_step(state, batch, rngs) ->
-    EvalMetrics are jitted over `mesh` (state donated to the train step).
+    EvalMetrics are jitted over `mesh`; the train step donates its input state, so `state` (the
+    initial one) is consumed by the first step.
     """
 
     mesh: jax.sharding.Mesh
-    dataset: Any
+    dataset: Dataset
     steps_per_epoch: int
     num_train_steps: int
     learning_rate_fn: optax.Schedule
@@ -429,11 +436,12 @@ def _check_finite(state: TrainState, config: ml_collections.ConfigDict, manager:
 def stop_requested_by_signal() -> Iterator[threading.Event]:
     """An Event set by SIGTERM or SIGINT (a second SIGINT interrupts at once).
 
-    The training loop checks it after every step, saves a checkpoint and returns, so a
-    preempted job resumes where it stopped. Only the main thread can install the handlers.
+    The training loop checks it after every step (`_should_stop`), saves a checkpoint and
+    returns, so a preempted job resumes where it stopped. Only the main thread of a
+    single-process run installs the handlers; several processes rely on JAX's preemption service.
     """
     stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
         yield stop
         return
 
@@ -453,6 +461,14 @@ def stop_requested_by_signal() -> Iterator[threading.Event]:
             signal.signal(sig, old_handler)
 
 
+def _should_stop(stop: threading.Event, step: int) -> bool:
+    """Whether to stop after `step`: on all processes at the same step when there are several
+    (`jax.distributed` turns SIGTERM into a preemption notice), else when `stop` is set."""
+    if jax.process_count() > 1:
+        return multihost_utils.reached_preemption_sync_point(step)
+    return stop.is_set()
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, run_eval: bool = True
 ) -> dict[str, Any]:
@@ -460,7 +476,8 @@ def train_and_evaluate(
 
     Writes TensorBoard events, config.json and final_metrics.json to `workdir`; evaluates every
     `config.eval_every_epochs` and at the end when `run_eval`. SIGTERM/SIGINT stop the run
-    after the current step with a checkpoint; the returned metrics then have 'stopped_early'.
+    after the current step with a checkpoint; the returned metrics then have 'stopped_early'
+    (and no final_metrics.json is written).
     """
     exp = create_experiment(config)
     _log_experiment(config, exp)
@@ -477,7 +494,7 @@ def train_and_evaluate(
     finally:
         manager.close()  # waits for pending asynchronous saves
         writer.close()
-    if is_chief:
+    if is_chief and not final.get("stopped_early"):
         metric_writers.write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
     logging.info("Final metrics: %s", final)
     return final
@@ -510,7 +527,8 @@ def _train(
         state, step_metrics = exp.train_step(state, next(train_iter), exp.rngs)
         train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
         done, is_last = step + 1, step + 1 == exp.num_train_steps
-        if done % config.log_every_steps == 0 or is_last or stop.is_set():
+        stopping = _should_stop(stop, done)
+        if done % config.log_every_steps == 0 or is_last or stopping:
             _check_finite(state, config, manager)
             summary = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()}
             summary |= progress(done) | {"nonfinite_steps": int(state.nonfinite_steps)}
@@ -520,10 +538,10 @@ def _train(
         if evaluated:
             eval_metrics = eval_loop(exp, state)
             writer.write_scalars(done, {f"eval_{k}": v for k, v in eval_metrics.items()})
-        if evaluated or is_last or stop.is_set() or done % config.checkpoint_every_steps == 0:
+        if evaluated or is_last or stopping or done % config.checkpoint_every_steps == 0:
             _check_finite(state, config, manager)
             checkpoint.save(manager, state, config, eval_metrics if evaluated else None)
-        if stop.is_set() and not is_last:
+        if stopping and not is_last:
             logging.warning(
                 "Stopped at step %d with a checkpoint in %s; run the same command to resume.",
                 done,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from absl import flags
+from absl.testing import flagsaver
 from tensorboard.backend.event_processing import event_accumulator
 
 from lambdanet import main, train
@@ -18,31 +19,29 @@ DEMO = str(REPO / "configs" / "demo.py")
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Runs `main.main` on flags, recording the calls into `train` instead of running them."""
+    """Runs `main.main` with flags set (as if parsed), recording its call into `train`."""
     recorded = []
     monkeypatch.setattr(
         train, "train_and_evaluate", lambda *a, **k: recorded.append(("train", a, k))
     )
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: recorded.append(("eval", a, k)))
 
-    def run(*argv):
-        flags.FLAGS(["lambdanet.main", *argv])
-        try:
+    def run(**flag_values):
+        with flagsaver.as_parsed(config=DEMO, **flag_values):
+            flags.FLAGS.mark_as_parsed()
             main.main(["lambdanet.main"])
-        finally:
-            flags.FLAGS.unparse_flags()
         return recorded[-1]
 
-    return run
+    yield run
+    flags.FLAGS.unparse_flags()
 
 
 def test_modes_and_checkpoint_flag(calls, tmp_path):
-    assert calls(f"--config={DEMO}", f"--workdir={tmp_path}", "--mode=train")[2] == {
-        "run_eval": False
-    }
-    kind, args, _ = calls(
-        f"--config={DEMO}", f"--workdir={tmp_path}", "--mode=eval", "--checkpoint=40"
-    )
+    kind, (config, workdir), kwargs = calls(workdir=str(tmp_path))
+    assert (kind, workdir, kwargs) == ("train", str(tmp_path), {"run_eval": True})
+    assert config.dataset.name == "digits"
+    assert calls(workdir=str(tmp_path), mode="train")[2] == {"run_eval": False}
+    kind, args, _ = calls(workdir=str(tmp_path), mode="eval", checkpoint="40")
     assert kind == "eval" and args[1:] == (str(tmp_path), "40")
 
 
@@ -55,9 +54,12 @@ def test_training_modules_import_without_tensorflow():
 
 
 def _demo(*argv: str) -> str:
-    """Runs the README's main command with `argv` added; returns its log (stderr)."""
+    """Runs the README's main command (on one CPU device) with `argv` added; returns its log."""
     command = [sys.executable, "-m", "lambdanet.main", f"--config={DEMO}", *argv]
-    env = dict(os.environ, JAX_LOG_COMPILES="1")
+    xla_flags = [f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f]
+    env = dict(
+        os.environ, JAX_LOG_COMPILES="1", XLA_FLAGS=" ".join(xla_flags)
+    )  # 1 CPU as in README
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stderr
