@@ -396,7 +396,8 @@ def build_specs(args) -> list[dict]:
         ]
     if args.table4:
         return [
-            _model_spec(args, mode="infer", model=name, overrides={}) for name, *_ in TABLE4_ROWS
+            _model_spec(args, mode="infer", model=name, overrides={})
+            for name, *_ in _selected(TABLE4_ROWS, args.only)
         ]
     specs = []
     overrides = json.loads(args.overrides)
@@ -418,7 +419,7 @@ def cost_table(args, measure) -> list[dict]:
     """Training img/s of every paper config at its resolution (batch halved until it fits, as
     ResNet-RS measured latency) and the GPU-hours of its whole schedule."""
     records = []
-    for name in COST_CONFIGS:
+    for name in _selected(COST_CONFIGS, args.only):
         batch_size = args.batch_size
         while True:
             spec = _model_spec(args, config=name, model=None, batch_size=batch_size)
@@ -444,12 +445,20 @@ def _fmt(value, digits=0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def table4_markdown(records: list[dict]) -> str:
+def _selected(rows, only: str | None):
+    """The rows (names, or tuples starting with a name) named in the comma list ``only``."""
+    if not only:
+        return rows
+    names = only.split(",")
+    return [row for row in rows if (row if isinstance(row, str) else row[0]) in names]
+
+
+def table4_markdown(records: list[dict], only: str | None = None) -> str:
     from lambdanet import analysis
 
     rows = []
     for (name, row, paper_mem, paper_rate, layer, kwargs), record in zip(
-        TABLE4_ROWS, records, strict=True
+        _selected(TABLE4_ROWS, only), records, strict=True
     ):
         analytic = analysis.table4_memory_gib(layer, **kwargs)
         rate = record.get("error", "OOM")[:40] if "img_per_s" not in record else record["img_per_s"]
@@ -502,6 +511,7 @@ def main(argv=None):
     parser.add_argument("--scope", type=int, default=9, help="lambda layer scope r (--layer)")
     parser.add_argument("--table4", action="store_true", help="the paper's Table 4 (inference)")
     parser.add_argument("--cost-table", action="store_true", help="GPU-hours of paper configs")
+    parser.add_argument("--only", help="comma list of Table 4 models or cost-table configs")
     parser.add_argument("--no-isolate", action="store_true", help="measure in this process")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -517,7 +527,7 @@ def main(argv=None):
         records.append(measure(spec))
         print(json.dumps(records[-1]), flush=True)
     if args.table4:
-        print(table4_markdown(records))
+        print(table4_markdown(records, args.only))
 
 
 if __name__ == "__main__":

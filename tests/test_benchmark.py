@@ -1,0 +1,73 @@
+"""The benchmark tool runs on CPU (tiny model, one step); its bookkeeping is exact."""
+
+import argparse
+import json
+
+import pytest
+
+from lambdanet import benchmark
+
+
+def _records(capsys) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[:1] == "{"]
+
+
+def test_model_benchmark_runs_on_cpu(capsys):
+    tiny = json.dumps(dict(stage_sizes=[1, 1, 1, 1], base_width=8))
+    benchmark.main(
+        ["--model", "resnet50", "--overrides", tiny, "--image-size", "32", "--batch-size", "8"]
+        + ["--warmup", "1", "--windows", "1", "--steps", "1", "--num-classes", "10"]
+        + ["--dtype", "float32", "--no-isolate"]
+    )
+    records = _records(capsys)
+    assert [r["mode"] for r in records] == ["train", "infer"]
+    for record in records:
+        assert "error" not in record, record
+        assert record["img_per_s"] > 0 and record["compile_s"] > 0
+        assert record["num_params"] > 0 and record["device"] and record["jax"]
+
+
+def test_layer_benchmark_runs_on_cpu(monkeypatch):
+    spec = dict(kind="layer", shape=(4, 4, 32), impl="einsum", scope=3, batch_size=2)
+    record = benchmark.run_measurement(spec | dict(warmup=1, windows=1, steps=1))
+    assert "error" not in record, record
+    assert record["ms"] > 0
+
+
+def test_a_failure_is_reported_not_raised():
+    spec = dict(kind="model", mode="train", model="no_such_model", image_size=32, batch_size=2)
+    record = benchmark.run_measurement(spec | dict(dtype="float32", num_classes=10))
+    assert record["error"].startswith("ValueError: unknown model 'no_such_model'")
+
+
+def test_cost_table_halves_the_batch_until_it_fits_and_counts_gpu_hours(capsys):
+    calls = []
+
+    def fake_measure(spec):
+        calls.append(spec["batch_size"])
+        if spec["batch_size"] > 32:
+            return spec | {"error": "JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory"}
+        return spec | {"img_per_s": 1000.0, "epochs": 350.0, "image_size": 320}
+
+    args = argparse.Namespace(
+        batch_size=128, image_size=224, dtype="bfloat16", num_classes=1000, warmup=1,
+        windows=1, steps=1, only="lambda_resnet420:320",
+    )  # fmt: skip
+    (record,) = benchmark.cost_table(args, fake_measure)
+    assert calls == [128, 64, 32]
+    hours = 350 * 1_281_167 / 1000 / 3600
+    assert record["gpu_hours_1gpu"] == pytest.approx(hours)
+    assert record["wall_hours_8gpu_linear"] == pytest.approx(hours / 8)
+    assert "| lambda_resnet420:320 | 320 | 350 | 32 | 1000 |" in benchmark.cost_markdown([record])
+
+
+def test_every_cost_config_and_table4_model_exists():
+    from lambdanet.models import list_models
+
+    for name, *_ in benchmark.TABLE4_ROWS:
+        assert name in list_models()
+    for name in benchmark.COST_CONFIGS:
+        config = benchmark.load_config(name)
+        assert config.model_name in list_models()
+        if ":" in name:
+            assert config.dataset.image_size == int(name.split(":")[1])
