@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_every_epochs = 1.0  # 0 evaluates at the end only
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3  # the last k, plus the best by eval top-1
+    # Fine-tuning: start from the params/batch_stats of this checkpoint (a workdir or a step
+    # directory, e.g. timm weights from scripts/convert_timm.py) unless the workdir resumes.
+    config.init_from = ""
     return config
 
 

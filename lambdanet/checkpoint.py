@@ -26,6 +26,7 @@ CONFIG_FILE = "config.json"
 BEST_METRIC = "top1"
 _ITEM_HANDLERS = {"state": ocp.StandardCheckpointHandler, "config": ocp.JsonCheckpointHandler}
 _MAX_LISTED = 20
+WEIGHTS = ("params", "batch_stats")  # the model's variables: all a weights-only checkpoint holds
 
 # Orbax's default on CPU and TPU splits each replicated array over its replicas for the host
 # transfer: one small compiled slice per array shape and device, which dominates a first save of
@@ -108,10 +109,12 @@ def _stored_model_name(manager: ocp.CheckpointManager, step: int) -> str:
     return str(restored["config"].get("model_name", "unknown"))
 
 
-def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
-    """Raises ValueError listing every entry whose name or shape differs from the checkpoint."""
-    stored = manager.item_metadata(step)["state"]
-    stored = _shapes(getattr(stored, "tree", stored))
+def check_compatible(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any, stored: Any = None
+) -> None:
+    """Raises ValueError listing every entry whose name or shape differs from the checkpoint
+    (or from ``stored``, a part of its metadata tree)."""
+    stored = _shapes(_stored_tree(manager, step) if stored is None else stored)
     expected = _shapes(abstract_state)
     problems = [
         f"  {name}: checkpoint {stored[name]} vs model {expected[name]}"
@@ -133,11 +136,40 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: 
     )
 
 
+def _stored_tree(manager: ocp.CheckpointManager, step: int) -> Any:
+    stored = manager.item_metadata(step)["state"]
+    return getattr(stored, "tree", stored)
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
-    """Restores the state at `step` into the structure/shardings of `abstract_state`."""
+    """Restores the state at `step` into the structure/shardings of `abstract_state`.
+
+    A weights-only checkpoint ({'params', 'batch_stats'}, e.g. written by
+    `lambdanet.convert_timm`) restores through `restore_weights`.
+    """
+    if set(_stored_tree(manager, step)) == set(WEIGHTS):
+        return restore_weights(manager, step, abstract_state)
     check_compatible(manager, step, abstract_state)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     return manager.restore(step, args=args)["state"]
+
+
+def restore_weights(manager: ocp.CheckpointManager, step: int, state: Any) -> Any:
+    """`state` with the params and batch_stats of checkpoint `step` (a full train state or a
+    weights-only checkpoint); step and optimizer state stay those of `state`, and the EMA (if
+    any) starts from the restored params. For eval-only and `config.init_from` (fine-tuning)."""
+    target = {name: getattr(state, name) for name in WEIGHTS}
+    stored = _stored_tree(manager, step)
+    check_compatible(manager, step, target, stored={k: stored[k] for k in WEIGHTS if k in stored})
+    sharding = jax.tree.leaves(target)[0].sharding
+    abstract = jax.tree.map(
+        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding), stored
+    )
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    restored = manager.restore(step, args=args)["state"]
+    weights = {name: restored[name] for name in WEIGHTS}
+    ema = None if state.ema_params is None else weights["params"]
+    return state.replace(**weights, ema_params=ema)
 
 
 def _unavailable(what: str, directory: str, steps: list[int]) -> ValueError:

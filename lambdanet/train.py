@@ -500,6 +500,17 @@ def train_and_evaluate(
     return final
 
 
+def _init_from(path: str, state: TrainState) -> TrainState:
+    """Fine-tuning: params and batch_stats from a checkpoint (a workdir, its checkpoints
+    directory or one step's directory; e.g. weights converted by scripts/convert_timm.py)."""
+    directory, step = checkpoint.resolve_checkpoint(os.curdir, path)
+    source = checkpoint.create_checkpoint_manager(directory, read_only=True)
+    logging.info("Initialising params and batch_stats from step %d in %s.", step, directory)
+    state = checkpoint.restore_weights(source, step, state)
+    source.close()
+    return state
+
+
 def _train(
     config: ml_collections.ConfigDict,
     exp: Experiment,
@@ -513,6 +524,8 @@ def _train(
     if manager.latest_step() is not None:
         logging.info("Resuming from step %d in %s.", manager.latest_step(), manager.directory)
         state = checkpoint.restore(manager, manager.latest_step(), state)
+    elif config.init_from:
+        state = _init_from(config.init_from, state)
     start_step = int(state.step)
     if start_step == 0:
         writer.write_hparams(checkpoint.config_to_dict(config))
@@ -568,6 +581,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint_ref: st
     Writes `eval_metrics.json` (with the checkpoint's step and directory) to `workdir`.
     """
     directory, step = checkpoint.resolve_checkpoint(workdir, checkpoint_ref)
+    # Eval-only reads no training data (a folder may hold only val/): the eval split stands in
+    # for the training split, with the smallest valid batch.
+    config = config.copy_and_resolve_references()
+    config.dataset.train_split = config.dataset.eval_split
+    config.global_batch_size = jax.device_count()
     exp = create_experiment(config)
     manager = checkpoint.create_checkpoint_manager(directory, read_only=True)
     state = checkpoint.restore(manager, step, exp.state)

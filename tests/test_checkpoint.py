@@ -97,3 +97,36 @@ def test_other_architecture_lists_the_mismatched_parameters(workdir):
     assert "opt_state/0/trace/conv/kernel: checkpoint (3, 3, 2, 4)" in message
     assert "params/head/kernel: only in the model" in message
     assert "params/bn/scale" not in message
+
+
+def _save_weights_only(directory, state) -> None:
+    """A {'params', 'batch_stats'} checkpoint at step 0, as scripts/convert_timm.py writes."""
+    import orbax.checkpoint as ocp
+
+    manager = checkpoint.create_checkpoint_manager(directory / checkpoint.CHECKPOINT_DIR)
+    weights = {"params": state.params, "batch_stats": state.batch_stats}
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(weights), config=ocp.args.JsonSave({"model_name": "toy"})
+    )
+    manager.save(0, args=args)
+    manager.wait_until_finished()
+    manager.close()
+
+
+def test_weights_only_checkpoint_restores_params_with_a_fresh_optimizer(tmp_path):
+    _save_weights_only(tmp_path, _state(7))
+    manager = checkpoint.create_checkpoint_manager(tmp_path / "checkpoints", read_only=True)
+    restored = checkpoint.restore(manager, 0, _state(0))
+    assert float(restored.params["conv"]["kernel"][0, 0, 0, 0]) == 7.0
+    assert int(restored.step) == 0
+    assert float(jnp.abs(restored.opt_state[0].trace["conv"]["kernel"]).max()) == 0.0
+    with pytest.raises(ValueError, match=r"params/conv/kernel: checkpoint \(3, 3, 2, 4\)"):
+        checkpoint.restore(manager, 0, _state(0, width=8))
+
+
+def test_init_from_takes_the_weights_of_a_full_checkpoint(workdir):
+    state = train._init_from(str(workdir), _state(0))  # latest step, 6
+    assert float(state.params["conv"]["kernel"][0, 0, 0, 0]) == 6.0
+    assert int(state.step) == 0
+    state = train._init_from(str(workdir / "checkpoints" / "5"), _state(0))
+    assert float(state.params["conv"]["kernel"][0, 0, 0, 0]) == 5.0
