@@ -85,6 +85,18 @@ COST_CONFIGS = (
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
 
+def _ms_per_call(run_steps, spec: dict) -> dict:
+    """{"ms": median milliseconds per call} of `run_steps(n)` under the spec's protocol."""
+    rate, _ = _median_rate(
+        run_steps,
+        images_per_step=1,
+        warmup=spec["warmup"],
+        windows=spec["windows"],
+        steps=spec["steps"],
+    )
+    return {"ms": 1000.0 / rate}
+
+
 def _environment(framework: str) -> dict:
     import jax
 
@@ -307,14 +319,7 @@ def measure_jax_layer(spec: dict) -> dict:
             out = fwd_bwd(variables["params"], x)
         jax.block_until_ready(out)
 
-    rate, _ = _median_rate(
-        run_steps,
-        images_per_step=1,
-        warmup=spec["warmup"],
-        windows=spec["windows"],
-        steps=spec["steps"],
-    )
-    return {"ms": 1000.0 / rate}
+    return _ms_per_call(run_steps, spec)
 
 
 def measure_timm_layer(spec: dict) -> dict:
@@ -335,14 +340,7 @@ def measure_timm_layer(spec: dict) -> dict:
             y.float().sum().backward()
         sync()
 
-    rate, _ = _median_rate(
-        run_steps,
-        images_per_step=1,
-        warmup=spec["warmup"],
-        windows=spec["windows"],
-        steps=spec["steps"],
-    )
-    return {"ms": 1000.0 / rate}
+    return _ms_per_call(run_steps, spec)
 
 
 MEASURES = {
