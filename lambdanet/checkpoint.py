@@ -8,8 +8,9 @@ Layout of a workdir:
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 in the middle of a save leaves no partial checkpoint in `all_steps()`; resuming takes the last
-complete one. The data position and every random key derive from the step, so restoring the
-state is all that exact resumption needs.
+complete one, and warns about (then deletes) the unfinished one (`unfinished_saves`). The data
+position and every random key derive from the step, so restoring the state is all that exact
+resumption needs.
 """
 
 import json
@@ -19,6 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINT_DIR = "checkpoints"
@@ -48,10 +50,24 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         f.write(config.to_json(indent=2) + "\n")
 
 
+def unfinished_saves(directory: str) -> list[str]:
+    """The temporary directories of saves that never completed (e.g. killed), sorted."""
+    if not os.path.isdir(directory):
+        return []
+    suffix = ocp.path.step.TMP_DIR_SUFFIX
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if suffix in n)
+
+
 def create_checkpoint_manager(
     directory: str, keep_last: int = 1, read_only: bool = False
 ) -> ocp.CheckpointManager:
-    """An async manager that keeps the `keep_last` latest steps and the best by eval top-1."""
+    """An async manager that keeps the `keep_last` latest steps and the best by eval top-1.
+
+    Unless `read_only`, unfinished saves are reported with a warning and deleted.
+    """
+    if not read_only:
+        for path in unfinished_saves(directory):
+            logging.warning("Ignoring and deleting the unfinished checkpoint save %s.", path)
     preservation = checkpoint_managers.AnyPreservationPolicy(
         [
             checkpoint_managers.LatestN(keep_last),

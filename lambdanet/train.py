@@ -55,6 +55,17 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
     )
 
 
+def check_image_size(model: nn.Module, image_size: int) -> None:
+    """Raises ValueError unless `image_size` is at least the network's total stride: the stem's
+    4 times 2 per later stage (32 for c2..c5), in `ResNet` and `ByoaResNet` alike."""
+    stride = 4 * 2 ** (len(model.stage_sizes) - 1)
+    if image_size < stride:
+        raise ValueError(
+            f"config.dataset.image_size={image_size} is smaller than the network's total stride "
+            f"{stride} ({len(model.stage_sizes)} stages); use an image size of at least {stride}."
+        )
+
+
 def create_learning_rate_fn(
     config: ml_collections.ConfigDict, steps_per_epoch: int, num_train_steps: int
 ) -> optax.Schedule:
@@ -331,6 +342,7 @@ def create_experiment(
         process_count=jax.process_count(),
     )
     model = create_model(config, ds.num_classes)
+    check_image_size(model, ds.image_size)
     steps_per_epoch = ds.num_train_examples // config.global_batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -403,10 +415,17 @@ def _log_experiment(config: ml_collections.ConfigDict, exp: Experiment) -> None:
     )
 
 
-def eval_loop(exp: Experiment, state: TrainState) -> dict[str, float]:
-    """Exact metrics over the whole eval split: padded examples are masked out."""
+def eval_loop(
+    exp: Experiment, state: TrainState, stop: threading.Event | None = None
+) -> dict[str, float] | None:
+    """Exact metrics over the whole eval split: padded examples are masked out.
+
+    Returns None, abandoning the evaluation, as soon as `stop` (a SIGTERM/SIGINT) is set.
+    """
     total = None
     for batch in sharding.prefetch_to_device(exp.dataset.eval_iter(), exp.mesh):
+        if stop is not None and stop.is_set():
+            return None
         batch_metrics = exp.eval_step(state, batch, exp.rngs)
         total = batch_metrics if total is None else total.merge(batch_metrics)
     results = {name: float(value) for name, value in total.compute().items()}
@@ -436,9 +455,10 @@ def _check_finite(state: TrainState, config: ml_collections.ConfigDict, manager:
 def stop_requested_by_signal() -> Iterator[threading.Event]:
     """An Event set by SIGTERM or SIGINT (a second SIGINT interrupts at once).
 
-    The training loop checks it after every step (`_should_stop`), saves a checkpoint and
-    returns, so a preempted job resumes where it stopped. Only the main thread of a
-    single-process run installs the handlers; several processes rely on JAX's preemption service.
+    The training loop checks it after every step (`_should_stop`), during evaluation (which it
+    abandons) and after starting a save, saves a checkpoint and returns, so a preempted job
+    resumes where it stopped. Only the main thread of a single-process run installs the
+    handlers; several processes rely on JAX's preemption service (checked after every step).
     """
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
@@ -511,6 +531,26 @@ def _init_from(path: str, state: TrainState) -> TrainState:
     return state
 
 
+def _evaluate(
+    exp: Experiment,
+    state: TrainState,
+    stop: threading.Event,
+    writer: metric_writers.MetricWriter,
+    step: int,
+) -> dict[str, float]:
+    """`eval_loop`, written as eval_* scalars at `step`; {} when a signal interrupted it."""
+    results = eval_loop(exp, state, stop)
+    if results is None:
+        logging.warning(
+            "Evaluation of step %d interrupted; --mode=eval --checkpoint=%d evaluates it.",
+            step,
+            step,
+        )
+        return {}
+    writer.write_scalars(step, {f"eval_{k}": v for k, v in results.items()})
+    return results
+
+
 def _train(
     config: ml_collections.ConfigDict,
     exp: Experiment,
@@ -548,13 +588,21 @@ def _train(
             writer.write_scalars(done, summary)
             train_metrics = None
         evaluated = run_eval and (is_last or (eval_every > 0 and done % eval_every == 0))
+        interrupted = False
         if evaluated:
-            eval_metrics = eval_loop(exp, state)
-            writer.write_scalars(done, {f"eval_{k}": v for k, v in eval_metrics.items()})
-        if evaluated or is_last or stopping or done % config.checkpoint_every_steps == 0:
+            eval_metrics = _evaluate(exp, state, stop, writer, done)
+            interrupted, evaluated = not eval_metrics, bool(eval_metrics)
+        if (
+            evaluated
+            or interrupted
+            or is_last
+            or stopping
+            or done % config.checkpoint_every_steps == 0
+        ):
             _check_finite(state, config, manager)
             checkpoint.save(manager, state, config, eval_metrics if evaluated else None)
-        if stopping and not is_last:
+            stopping = stopping or stop.is_set()  # a signal during the save
+        if interrupted or (stopping and not is_last):
             logging.warning(
                 "Stopped at step %d with a checkpoint in %s; run the same command to resume.",
                 done,
