@@ -6,8 +6,6 @@ embeddings, against our converted models (float32, max |difference| / max |timm 
 Needs torch and timm (test-only requirements); skipped without them.
 """
 
-import importlib.util
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -19,8 +17,8 @@ from timm.layers.lambda_layer import LambdaLayer as TimmLambdaLayer  # noqa: E40
 
 from lambdanet import checkpoint, convert_timm  # noqa: E402
 from lambdanet.layers import LambdaLayer  # noqa: E402
+from scripts import convert_timm as convert_timm_cli  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-4
 # (model, input side, batch). resnet26t at 80: odd feature maps (5x5 -> 3x3, ceil-mode average
 # pool in the shortcut); lambda_resnet26t at 128: the c4 lambda layer sees 8x8 > its 9x9 scope's
@@ -149,15 +147,6 @@ def test_mismatches_are_listed(timm_models):
         convert_timm.convert_state_dict("resnet18", state_dict)
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "convert_timm_cli", ROOT / "scripts/convert_timm.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_checkpoint_round_trip(timm_models, tmp_path):
     """.pth (wrapped, DataParallel prefixes) and .safetensors read the same; the CLI verifies
     the logits against timm, writes an orbax checkpoint, and it restores unchanged."""
@@ -177,7 +166,7 @@ def test_cli_checkpoint_round_trip(timm_models, tmp_path):
 
     out = tmp_path / "workdir"
     cli = ["--model", "resnet26t", "--checkpoint", str(tmp_path / "model.safetensors")]
-    _load_script().main([*cli, "--out", str(out), "--verify"])
+    convert_timm_cli.main([*cli, "--out", str(out), "--verify"])
     ckpt_dir, step = checkpoint.resolve_checkpoint(str(out))
     assert step == convert_timm.WEIGHTS_STEP
     model, converted = convert_timm.convert_state_dict("resnet26t", state_dict)

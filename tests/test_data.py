@@ -1,6 +1,5 @@
 """Tests of the TF-free data path: in-memory batches, exact eval, digits, make_arrays, bad files."""
 
-import importlib.util
 import io
 import subprocess
 import sys
@@ -12,21 +11,10 @@ from PIL import Image
 
 from lambdanet import data
 from lambdanet.data import in_memory
+from scripts import make_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette"
-
-
-def _load_make_arrays():
-    spec = importlib.util.spec_from_file_location(
-        "make_arrays", REPO / "scripts" / "make_arrays.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_arrays = _load_make_arrays()
 
 
 def _id_arrays(num: int) -> in_memory.ImageArrays:

@@ -5,28 +5,15 @@ The NaN/inf stop that keeps the last good checkpoint, SIGTERM resumption and the
 errors are tested in tests/test_train.py; checkpoint mismatches in tests/test_checkpoint.py.
 """
 
-import importlib.util
 import logging
 import os
 import signal
-from pathlib import Path
 
 import chex
 import pytest
 
 from lambdanet import checkpoint, data, train
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "chaos_resume.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("chaos_resume", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-chaos_resume = _load_script()
+from scripts import chaos_resume
 
 
 def test_sigkilled_runs_resume_to_the_uninterrupted_result(tmp_path):

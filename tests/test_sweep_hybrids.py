@@ -1,24 +1,11 @@
 """scripts/sweep_hybrids.py: one run per placement into one CSV + Markdown table."""
 
 import csv
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from configs import hybrid_resnet50
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep_hybrids.py"
-
-
-def _load_sweep():
-    spec = importlib.util.spec_from_file_location("sweep_hybrids", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load_sweep()
+from scripts import sweep_hybrids as sweep
 
 
 def test_table_has_one_row_per_placement(tmp_path):

@@ -1,0 +1,1 @@
+"""Command-line tools (benchmarks, sweeps, conversion, data tools); importable for tests."""
