@@ -6,7 +6,6 @@ embeddings, against our converted models (float32, max |difference| / max |timm 
 Needs torch and timm (test-only requirements); skipped without them.
 """
 
-
 import jax
 import numpy as np
 import pytest
