@@ -16,6 +16,9 @@ Modes (`scripts/benchmark.py` is the command line):
   python scripts/benchmark.py --layer        # one lambda layer: each implementation and timm's
   python scripts/benchmark.py --table4       # the paper's Table 4 on this device
   python scripts/benchmark.py --cost-table   # GPU-hours of every paper config's full schedule
+  python scripts/benchmark.py --input-pipeline --config imagenette:resnet50 \\
+      --config-overrides '{"dataset.path": "FILE.npz"}'
+      # a training config's own train step fed by its input pipeline vs one batch on the device
 """
 
 from __future__ import annotations
@@ -211,6 +214,60 @@ def measure_jax_model(spec: dict) -> dict:
     return result
 
 
+def measure_input_pipeline(spec: dict) -> dict:
+    """The training loop's step (`train.create_experiment`, device augmentation included) fed by
+    the config's input pipeline, against the same compiled step fed one batch that is already on
+    the device ("synthetic"). Windows alternate between the two; `input_ms_per_step` is the host
+    time spent producing and sending each batch (it hides behind the asynchronous step unless it
+    is the longer of the two)."""
+    import jax
+
+    from lambdanet import sharding, train
+
+    config = load_config(spec["config"])
+    for key, value in spec.get("config_overrides", {}).items():  # "dataset.path": ...
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    exp = train.create_experiment(config)
+    batches = sharding.prefetch_to_device(exp.dataset.train_iter(0), exp.mesh)
+    on_device = next(batches)
+    state, input_seconds = [exp.state], [0.0]
+
+    def run_steps(n, real):
+        for _ in range(n):
+            batch = on_device
+            if real:
+                start = time.perf_counter()
+                batch = next(batches)
+                input_seconds[0] += time.perf_counter() - start
+            state[0], _ = exp.train_step(state[0], batch, exp.rngs)
+        jax.block_until_ready(state[0].params)
+
+    batch_size, n = config.global_batch_size, spec["steps"]
+    run_steps(spec["warmup"], real=True)
+    rates = {True: [], False: []}
+    input_seconds[0] = 0.0
+    for _ in range(spec["windows"]):
+        for real in (True, False):
+            start = time.perf_counter()
+            run_steps(n, real)
+            rates[real].append(batch_size * n / (time.perf_counter() - start))
+    real_rate, synthetic_rate = statistics.median(rates[True]), statistics.median(rates[False])
+    return {
+        "model": config.model_name,
+        "image_size": config.dataset.image_size,
+        "batch_size": batch_size,
+        "real_img_per_s": real_rate,
+        "synthetic_img_per_s": synthetic_rate,
+        "real_vs_synthetic": real_rate / synthetic_rate,
+        "input_ms_per_step": 1000 * input_seconds[0] / (spec["windows"] * n),
+        "window_img_per_s": {"real": rates[True], "synthetic": rates[False]},
+    }
+
+
 def measure_timm_model(spec: dict) -> dict:
     """timm model: bf16 autocast, SGD-Nesterov + weight decay, label smoothing, channels_last."""
     import timm
@@ -348,6 +405,7 @@ MEASURES = {
     ("model", "torch"): measure_timm_model,
     ("layer", "jax"): measure_jax_layer,
     ("layer", "torch"): measure_timm_layer,
+    ("input", "jax"): measure_input_pipeline,
 }
 
 
@@ -392,6 +450,10 @@ def build_specs(args) -> list[dict]:
             for shape in LAYER_SHAPES
             for impl in LAYER_VARIANTS
         ]
+    if args.input_pipeline:
+        overrides = json.loads(args.config_overrides)
+        spec = dict(kind="input", config=args.config, config_overrides=overrides)
+        return [spec | dict(warmup=args.warmup, windows=args.windows, steps=args.steps)]
     if args.table4:
         return [
             _model_spec(args, mode="infer", model=name, overrides={})
@@ -509,6 +571,17 @@ def main(argv=None):
     parser.add_argument("--scope", type=int, default=9, help="lambda layer scope r (--layer)")
     parser.add_argument("--table4", action="store_true", help="the paper's Table 4 (inference)")
     parser.add_argument("--cost-table", action="store_true", help="GPU-hours of paper configs")
+    parser.add_argument(
+        "--input-pipeline",
+        action="store_true",
+        help="--config's train step fed by its input pipeline vs by one on-device batch",
+    )
+    parser.add_argument("--config", default="imagenette", help="configs/NAME[:ARG] (as NAME:ARG)")
+    parser.add_argument(
+        "--config-overrides",
+        default="{}",
+        help='JSON dict of config fields, e.g. \'{"dataset.path": "FILE.npz"}\' (--input-pipeline)',
+    )
     parser.add_argument("--only", help="comma list of Table 4 models or cost-table configs")
     parser.add_argument("--no-isolate", action="store_true", help="measure in this process")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -8,18 +8,22 @@ The file layout is in `lambdanet/data/in_memory.py`.
 
 Imagenette at 128 px for the GPU (about 6 KB an image at quality 90):
   python scripts/make_arrays.py --folder=../shared/data/imagenette --splits=train,val \
-      --size=128 --output=artifacts/imagenette_128.npz
+      --size=128 --quality=85 --output=artifacts/imagenette_128.npz
 A TFDS split (TensorFlow is needed for this one only):
   python scripts/make_arrays.py --tfds=imagenette/160px --splits=train,validation \
       --size=128 --output=artifacts/imagenette_tfds_128.npz
 """
 
 import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from absl import app, flags, logging
 
-from lambdanet.data import in_memory
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lambdanet.data import in_memory  # noqa: E402
 
 _FOLDER = flags.DEFINE_string("folder", None, "Image folder tree ROOT/<split>/<class>/<image>.")
 _TFDS = flags.DEFINE_string("tfds", None, "TFDS dataset name (instead of --folder).")

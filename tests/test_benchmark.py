@@ -3,6 +3,7 @@
 import argparse
 import json
 
+import numpy as np
 import pytest
 
 from lambdanet import benchmark
@@ -71,3 +72,27 @@ def test_every_cost_config_and_table4_model_exists():
         assert config.model_name in list_models()
         if ":" in name:
             assert config.dataset.image_size == int(name.split(":")[1])
+
+
+def test_input_pipeline_benchmark_runs_a_config_on_cpu(tmp_path):
+    from lambdanet.data import in_memory
+
+    rng = np.random.default_rng(0)
+    splits = {
+        split: in_memory.ImageArrays(
+            rng.integers(0, 256, (n, 36, 36, 3), np.uint8), np.arange(n, dtype=np.int32) % 10
+        )
+        for split, n in (("train", 24), ("val", 8))
+    }
+    in_memory.save_npz(tmp_path / "a.npz", splits, [str(i) for i in range(10)], image_format="raw")
+    overrides = {"dataset.path": str(tmp_path / "a.npz"), "dataset.image_size": 32}
+    overrides |= {"global_batch_size": 8, "model.stage_sizes": [1, 1, 1, 1], "model.base_width": 4}
+    spec = dict(kind="input", config="imagenette:resnet50", config_overrides=overrides)
+    record = benchmark.run_measurement(spec | dict(warmup=1, windows=2, steps=2))
+    assert "error" not in record, record
+    assert record["model"] == "resnet50" and record["batch_size"] == 8
+    assert record["real_img_per_s"] > 0 and record["synthetic_img_per_s"] > 0
+    assert record["real_vs_synthetic"] == pytest.approx(
+        record["real_img_per_s"] / record["synthetic_img_per_s"]
+    )
+    assert len(record["window_img_per_s"]["real"]) == 2 and record["input_ms_per_step"] > 0
