@@ -6,7 +6,7 @@ converted to RGB, its central square resized to --size, and stored as JPEG bytes
 --quality; the loader decodes them once, into memory) or as raw uint8 pixels (--format=raw).
 The file layout is in `lambdanet/data/in_memory.py`.
 
-Imagenette at 128 px for the GPU (about 6 KB an image at quality 90):
+Imagenette at 128 px for the GPU (44 MiB: about 5.4 KB an image at quality 85):
   python scripts/make_arrays.py --folder=../shared/data/imagenette --splits=train,val \
       --size=128 --quality=85 --output=artifacts/imagenette_128.npz
 A TFDS split (TensorFlow is needed for this one only):
