@@ -283,6 +283,9 @@ def test_initialisation_follows_appendix_e1():
     np.testing.assert_allclose(kernel[:, h * k :].std(), d**-0.5, rtol=0.05)
     np.testing.assert_allclose(np.asarray(params["rel_embeddings"]).std(), 1.0, rtol=0.05)
     assert "bias" not in params["qkv"]
+    small = LambdaLayer(dim_k=k, heads=h, embedding_init_std=0.25)
+    params = small.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, d)))["params"]
+    np.testing.assert_allclose(np.asarray(params["rel_embeddings"]).std(), 0.25, rtol=0.05)
 
 
 @pytest.mark.parametrize("impl", ["einsum", "conv"])

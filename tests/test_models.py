@@ -210,6 +210,24 @@ def test_shared_embeddings_one_table_per_resolution():
     assert n_params("lambda_resnet50_shared") == n_params("lambda_resnet50_all") - 12 * 23**2 * 16
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_embedding_init_std_reaches_every_table(shared):
+    model = create_model(
+        "lambda_resnet50_all",
+        num_classes=10,
+        stage_sizes=(1, 1, 1, 1),
+        base_width=8,
+        shared_embeddings=shared,
+        embedding_init_std=0.25,
+    )
+    params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    tables = [x for path, x in flat if "rel_embeddings" in jax.tree_util.keystr(path)]
+    # shared: one table per input resolution; the only c3 block runs at c2's (it downsamples after)
+    assert len(tables) == (3 if shared else 4)
+    np.testing.assert_allclose(np.concatenate([np.ravel(t) for t in tables]).std(), 0.25, rtol=0.05)
+
+
 # --- placement --------------------------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ What is covered:
 Unconfirmed choices [R], exposed as options: with |u| > 1 the key softmax runs over m only, one
 softmax per (|u|, |k|) channel like lucidrains (``key_softmax_axes="m"``), or over (m, |u|)
 (``"mu"``); the initialisation of Appendix E.1 (embeddings N(0, 1), W_K and W_V with std d^-1/2,
-W_Q with std (|k| d)^-1/2).
+W_Q with std (|k| d)^-1/2); the embeddings' std is an option (``embedding_init_std``).
 """
 
 from __future__ import annotations
@@ -238,6 +238,7 @@ class LambdaLayer(nn.Module):
         smaller intermediate (memory traffic, not FLOPs, bounds both on a GPU: on an H100 at
         28x28x128, |h|=4, |k|=16, "lambdas" ran fwd+bwd in 1.2 ms and "scores" in 2.7 ms,
         although "scores" needs 2.7x fewer FLOPs). Same result either way.
+      embedding_init_std: std of the normal init of the relative embeddings E (E.1: 1 [R]).
       dtype: compute dtype (e.g. bfloat16); key normalisation and BatchNorm statistics stay
         in float32.
       param_dtype: parameter dtype.
@@ -258,6 +259,7 @@ class LambdaLayer(nn.Module):
     causal: bool = False
     position_bias: bool = False
     position_contraction: str = "auto"
+    embedding_init_std: float = 1.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     bn_momentum: float = 0.9
@@ -399,7 +401,10 @@ class LambdaLayer(nn.Module):
         shape = position_embedding_shape(spatial, self.scope_size, self.dim_k, self.dim_u)
         if embeddings is None:
             embeddings = self.param(
-                "rel_embeddings", nn.initializers.normal(1.0), shape, self.param_dtype
+                "rel_embeddings",
+                nn.initializers.normal(self.embedding_init_std),
+                shape,
+                self.param_dtype,
             )
         elif tuple(embeddings.shape) != shape:
             raise ValueError(

@@ -148,8 +148,9 @@ class ResNet(nn.Module):
       remat: stages whose blocks are rematerialised (``nn.remat``, i.e. jax.checkpoint) in the
         backward pass, e.g. ("c2", "c3") or "all": trades compute for activation memory.
       dim_k, dim_u, scope_size, impl, multi_head, key_norm, key_softmax_axes, norm_qv, content,
-        position: lambda layer settings (`LambdaLayer`); paper defaults |k|=16, |u|=1,
-        scope 23x23, impl "auto" (conv when n > 85² or |u| > 1, §4.1 [R]).
+        position, embedding_init_std: lambda layer settings (`LambdaLayer`); paper defaults
+        |k|=16, |u|=1, scope 23x23, impl "auto" (conv when n > 85² or |u| > 1, §4.1 [R]),
+        embeddings N(0, 1) (E.1 [R]; also the shared tables' init).
       heads: |h| of the lambda layers (default 4) and of the attention baselines (default 8).
       shared_embeddings: one relative table per resolution, shared by the lambda layers that run
         at it (Table 4), parameters ``rel_embeddings_stride{4,8,16,32}`` of the model.
@@ -182,6 +183,7 @@ class ResNet(nn.Module):
     norm_qv: bool = True
     content: bool = True
     position: bool = True
+    embedding_init_std: float = 1.0
     shared_embeddings: bool = False
     attention_window: int = 7
     bn_momentum: float = 0.9
@@ -281,6 +283,7 @@ class ResNet(nn.Module):
                 norm_qv=self.norm_qv,
                 content=self.content,
                 position=self.position,
+                embedding_init_std=self.embedding_init_std,
                 bn_momentum=self.bn_momentum,
                 bn_epsilon=self.bn_epsilon,
                 **dtypes,
@@ -300,7 +303,7 @@ class ResNet(nn.Module):
             shape = position_embedding_shape(x.shape[1:3], self.scope_size, self.dim_k, self.dim_u)
             tables[stride] = self.param(
                 f"rel_embeddings_stride{stride}",
-                nn.initializers.normal(1.0),
+                nn.initializers.normal(self.embedding_init_std),
                 shape,
                 self.param_dtype,
             )
