@@ -16,6 +16,8 @@ Modes (`scripts/benchmark.py` is the command line):
   python scripts/benchmark.py --layer        # one lambda layer: each implementation and timm's
   python scripts/benchmark.py --table4       # the paper's Table 4 on this device
   python scripts/benchmark.py --cost-table   # GPU-hours of every paper config's full schedule
+  python scripts/benchmark.py --model resnet50 --modes train --profile-dir traces/
+      # then: python scripts/profile_summary.py traces/resnet50_train
   python scripts/benchmark.py --input-pipeline --config imagenette:resnet50 \\
       --config-overrides '{"dataset.path": "FILE.npz"}'
       # a training config's own train step fed by its input pipeline vs one batch on the device
@@ -209,6 +211,11 @@ def measure_jax_model(spec: dict) -> dict:
         steps=spec["steps"],
     )
     peak = _jax_peak_bytes()
+    if spec.get("profile_dir"):  # a trace of `steps` more steps (scripts/profile_summary.py)
+        trace_dir = os.path.join(spec["profile_dir"], f"{config.model_name}_{spec['mode']}")
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            run_steps(spec["steps"])
+        result["trace_dir"] = trace_dir
     result.update(img_per_s=rate, window_img_per_s=rates)
     result["peak_gib"] = None if peak is None else peak / 2**30
     return result
@@ -439,7 +446,8 @@ def run_isolated(spec: dict) -> dict:
 def _model_spec(args, **fields) -> dict:
     spec = dict(kind="model", mode="train", image_size=args.image_size, dtype=args.dtype)
     spec |= dict(num_classes=args.num_classes, batch_size=args.batch_size, warmup=args.warmup)
-    return spec | dict(windows=args.windows, steps=args.steps) | fields
+    spec |= dict(windows=args.windows, steps=args.steps)
+    return spec | (dict(profile_dir=args.profile_dir) if args.profile_dir else {}) | fields
 
 
 def build_specs(args) -> list[dict]:
@@ -583,6 +591,9 @@ def main(argv=None):
         help='JSON dict of config fields, e.g. \'{"dataset.path": "FILE.npz"}\' (--input-pipeline)',
     )
     parser.add_argument("--only", help="comma list of Table 4 models or cost-table configs")
+    parser.add_argument(
+        "--profile-dir", help="also write a JAX profiler trace of --steps steps of our models"
+    )
     parser.add_argument("--no-isolate", action="store_true", help="measure in this process")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -1,6 +1,7 @@
 """The benchmark tool runs on CPU (tiny model, one step); its bookkeeping is exact."""
 
 import argparse
+import gzip
 import json
 
 import numpy as np
@@ -28,6 +29,39 @@ def test_model_benchmark_runs_on_cpu(capsys):
         assert record["num_params"] > 0 and record["device"] and record["jax"]
 
 
+def test_profile_is_written_and_summarised(tmp_path, capsys):
+    from scripts import profile_summary
+
+    tiny = json.dumps(dict(stage_sizes=[1, 1, 1, 1], base_width=8))
+    benchmark.main(
+        ["--model", "resnet50", "--overrides", tiny, "--image-size", "32", "--batch-size", "8"]
+        + ["--warmup", "1", "--windows", "1", "--steps", "2", "--num-classes", "10"]
+        + ["--dtype", "float32", "--no-isolate", "--modes", "infer"]
+        + ["--profile-dir", str(tmp_path)]
+    )
+    (record,) = _records(capsys)
+    assert record["trace_dir"] == str(tmp_path / "resnet50_infer")
+    trace = profile_summary.find_trace(record["trace_dir"])
+    with gzip.open(trace) as f:
+        times = profile_summary.kernel_times(json.load(f))
+    result = profile_summary.summary(times, steps=2, top=3)
+    assert result["device_ms_per_step"] > 0 and len(result["top"]) == 3
+    assert sum(share for _, share in result["classes"].values()) == pytest.approx(1.0)
+    assert any(label.startswith("matrix units") for label in result["classes"])  # the convs
+    assert "| class | ms / step | share |" in profile_summary.markdown(result)
+
+
+def test_kernel_names_are_classified():
+    from scripts.profile_summary import classify
+
+    assert classify("sm90_xmma_fprop_implicit_gemm_bf16bf16") == "matrix units (conv / GEMM)"
+    assert classify("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NNN") == classify("gemm_fusion_dot")
+    assert classify("input_reduce_fusion_3") == "reduction fusions"
+    assert classify("loop_add_fusion_1") == "elementwise fusions"
+    assert classify("loop_transpose_fusion_9") == "copies / transposes"
+    assert classify("memcpy32_post") == "copies / transposes"
+
+
 def test_layer_benchmark_runs_on_cpu(monkeypatch):
     spec = dict(kind="layer", shape=(4, 4, 32), impl="einsum", scope=3, batch_size=2)
     record = benchmark.run_measurement(spec | dict(warmup=1, windows=1, steps=1))
@@ -52,7 +86,7 @@ def test_cost_table_halves_the_batch_until_it_fits_and_counts_gpu_hours(capsys):
 
     args = argparse.Namespace(
         batch_size=128, image_size=224, dtype="bfloat16", num_classes=1000, warmup=1,
-        windows=1, steps=1, only="lambda_resnet420:320",
+        windows=1, steps=1, only="lambda_resnet420:320", profile_dir=None,
     )  # fmt: skip
     (record,) = benchmark.cost_table(args, fake_measure)
     assert calls == [128, 64, 32]
