@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,53 @@ def test_demo_command_trains_compiles_once_and_eval_only_reproduces_it(tmp_path)
     assert evaluated["step"] == 60
     for name in ("eval_loss", "eval_top1", "eval_top5", "eval_num_examples"):
         assert evaluated[name] == final[name]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_process_with_as_many_devices(tmp_path):
+    """The multi-host path on one machine: 2 processes x 2 CPU devices (jax.distributed, gloo
+    collectives) against 1 process x 4 devices, same global batch: same losses, every eval
+    example counted once, one checkpoint written jointly."""
+    flags_ = [f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f]
+    common = [sys.executable, "-m", "lambdanet.main", f"--config={DEMO}"]
+    common += ["--config.num_train_steps=2", "--config.log_every_steps=1"]
+
+    def env(devices: int) -> dict:
+        xla = " ".join([*flags_, f"--xla_force_host_platform_device_count={devices}"])
+        return dict(os.environ, XLA_FLAGS=xla, JAX_PLATFORMS="cpu")
+
+    port = _free_port()
+    workers = [
+        subprocess.Popen(
+            [*common, f"--workdir={tmp_path / 'two'}", f"--coordinator_address=localhost:{port}"]
+            + ["--num_processes=2", f"--process_id={i}"],
+            cwd=REPO,
+            env=env(2),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = [w.communicate(timeout=600)[1] for w in workers]
+    for worker, log in zip(workers, logs, strict=True):
+        assert worker.returncode == 0, log[-3000:]
+    assert "JAX process 1 of 2; 2 local / 4 global devices (cpu)" in logs[1]
+    one = subprocess.run(
+        [*common, f"--workdir={tmp_path / 'one'}"], cwd=REPO, env=env(4), capture_output=True
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    with open(tmp_path / "two" / train.FINAL_METRICS_FILE) as f:
+        two_processes = json.load(f)
+    with open(tmp_path / "one" / train.FINAL_METRICS_FILE) as f:
+        one_process = json.load(f)
+    assert two_processes["eval_num_examples"] == one_process["eval_num_examples"] == 300
+    for name in ("train_loss", "eval_loss", "eval_top1"):
+        assert two_processes[name] == pytest.approx(one_process[name], rel=1e-5), name
+    assert (tmp_path / "two" / "checkpoints" / "2").is_dir()
