@@ -46,6 +46,7 @@ LAYER_VARIANTS = {
     "einsum_lambdas": dict(impl="einsum", position_contraction="lambdas"),
     "einsum_scores": dict(impl="einsum", position_contraction="scores"),
     "conv": dict(impl="conv"),
+    "blocked": dict(impl="blocked"),
     "timm": None,
 }
 

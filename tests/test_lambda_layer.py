@@ -211,6 +211,61 @@ def test_einsum_and_conv_agree_non_square(kwargs):
     np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4 * np.abs(a).max())
 
 
+BLOCKED_CASES = [
+    # (spatial, d, dict of layer args): tiles that divide the input and tiles that do not
+    ((6, 6), 32, dict(scope_size=3, block_size=3)),
+    ((7, 10), 32, dict(scope_size=5, block_size=4)),
+    ((5, 5), 32, dict(scope_size=7, block_size=2, position_contraction="scores")),
+    ((6, 6), 32, dict(scope_size=5, block_size=4, position_contraction="lambdas", dim_u=2)),
+    ((5, 6), 32, dict(scope_size=3, block_size=8, dim_u=4)),  # one tile larger than the input
+    ((5, 5), 32, dict(scope_size=3, block_size=2, multi_head=True, position_bias=True)),
+]
+
+
+@pytest.mark.parametrize("spatial,d,kwargs", BLOCKED_CASES)
+def test_blocked_matches_naive_reference(spatial, d, kwargs):
+    layer = LambdaLayer(impl="blocked", **kwargs)
+    x = _x((2, *spatial, d))
+    variables = _init(layer, x)
+    got = np.asarray(layer.apply(variables, x))
+    want = naive_lambda_layer(variables, x, layer)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
+def test_blocked_gradients_equal_the_einsum_gradients():
+    x = _x((2, 7, 9, 32))
+    blocked = LambdaLayer(impl="blocked", scope_size=5, block_size=4)
+    einsum = LambdaLayer(impl="einsum", scope_size=5)
+    variables = _init(blocked, x)
+
+    def grads(layer):
+        def loss(params, x):
+            y = layer.apply({"params": params, "batch_stats": variables["batch_stats"]}, x)
+            return jnp.sum(jnp.sin(y))
+
+        return jax.grad(loss, argnums=(0, 1))(variables["params"], x)
+
+    for a, b in zip(jax.tree.leaves(grads(blocked)), jax.tree.leaves(grads(einsum)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+def test_blocked_rejects_what_it_cannot_tile():
+    for kwargs, shape in [
+        (dict(scope_size=None), (1, 4, 4, 32)),  # global scope
+        (dict(scope_size=3), (1, 16, 32)),  # a sequence
+        (dict(scope_size=3, causal=True), (1, 4, 4, 32)),
+    ]:
+        with pytest.raises(ValueError, match="impl='blocked' tiles images"):
+            _init(LambdaLayer(impl="blocked", **kwargs), jnp.zeros(shape))
+    layer = LambdaLayer(impl="blocked", scope_size=3)
+    x = _x((1, 3, 3, 32))
+    variables = _init(layer, x)
+    with pytest.raises(ValueError, match="takes no mask"):
+        layer.apply(variables, x, mask=np.ones((9, 9), bool))
+    with pytest.raises(ValueError, match="block_size must be positive"):
+        _init(LambdaLayer(impl="blocked", scope_size=3, block_size=0), x)
+
+
 def test_auto_impl_follows_the_paper_rule():
     x = _x((1, 4, 4, 32))
     for kwargs in (dict(dim_u=1), dict(dim_u=4, scope_size=7)):
