@@ -215,9 +215,9 @@ BLOCKED_CASES = [
     # (spatial, d, dict of layer args): tiles that divide the input and tiles that do not
     ((6, 6), 32, dict(scope_size=3, block_size=3)),
     ((7, 10), 32, dict(scope_size=5, block_size=4)),
-    ((5, 5), 32, dict(scope_size=7, block_size=2, position_contraction="scores")),
-    ((6, 6), 32, dict(scope_size=5, block_size=4, position_contraction="lambdas", dim_u=2)),
-    ((5, 6), 32, dict(scope_size=3, block_size=8, dim_u=4)),  # one tile larger than the input
+    ((10, 10), 32, dict(scope_size=7, block_size=2, position_contraction="scores")),
+    ((9, 9), 32, dict(scope_size=5, block_size=4, position_contraction="lambdas", dim_u=2)),
+    ((3, 14), 32, dict(scope_size=3, block_size=4, dim_u=4)),  # tiles taller than the input
     ((5, 5), 32, dict(scope_size=3, block_size=2, multi_head=True, position_bias=True)),
 ]
 
@@ -225,6 +225,7 @@ BLOCKED_CASES = [
 @pytest.mark.parametrize("spatial,d,kwargs", BLOCKED_CASES)
 def test_blocked_matches_naive_reference(spatial, d, kwargs):
     layer = LambdaLayer(impl="blocked", **kwargs)
+    assert layer._resolve_impl(math.prod(spatial), masked=False) == "blocked"
     x = _x((2, *spatial, d))
     variables = _init(layer, x)
     got = np.asarray(layer.apply(variables, x))
@@ -233,8 +234,9 @@ def test_blocked_matches_naive_reference(spatial, d, kwargs):
 
 
 def test_blocked_gradients_equal_the_einsum_gradients():
-    x = _x((2, 7, 9, 32))
+    x = _x((2, 9, 10, 32))
     blocked = LambdaLayer(impl="blocked", scope_size=5, block_size=4)
+    assert blocked._resolve_impl(90, masked=False) == "blocked"
     einsum = LambdaLayer(impl="einsum", scope_size=5)
     variables = _init(blocked, x)
 
@@ -247,6 +249,13 @@ def test_blocked_gradients_equal_the_einsum_gradients():
 
     for a, b in zip(jax.tree.leaves(grads(blocked)), jax.tree.leaves(grads(einsum)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+def test_blocked_runs_the_plain_einsum_where_a_window_covers_the_input():
+    layer = LambdaLayer(impl="blocked", scope_size=23, block_size=8)  # windows of 30 x 30
+    assert layer._resolve_impl(56 * 56, masked=False) == "blocked"
+    assert layer._resolve_impl(30 * 30, masked=False) == "einsum"
+    assert layer._resolve_impl(7 * 7, masked=False) == "einsum"
 
 
 def test_blocked_rejects_what_it_cannot_tile():
