@@ -4,7 +4,9 @@ Prints one JSON line per measurement (device, versions, all settings). Protocol 
 lambdanet and the timm peer, ../shared/ANCHORS.md): synthetic inputs already on the device, bf16
 compute, SGD-Nesterov with weight decay and label smoothing 0.1 (lambdanet's own `train_step`,
 EMA off), `--warmup` steps, then the median of `--windows` timed windows of `--steps` steps,
-synchronised with `block_until_ready` (torch: `cuda.synchronize`).
+synchronised with `block_until_ready` (torch: `cuda.synchronize`). lambdanet's inference folds
+BatchNorm into the convs inside the timed step (`lambdanet.models.fold`; `--no-fold-bn` runs the
+BatchNorms as they are, as timm's eager peer does).
 
 Each measurement runs in a fresh subprocess (unless `--no-isolate`), so that its peak memory is
 its own: JAX reports `peak_bytes_in_use`, torch `max_memory_allocated`. A failure (e.g. out of
@@ -192,8 +194,18 @@ def measure_jax_model(spec: dict) -> dict:
             jax.block_until_ready(holder[0].params)
 
     else:
+        from lambdanet.models import fold_batch_norm
+
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        result["fold_bn"] = spec.get("fold_bn", True)
+
+        @jax.jit
+        def infer(variables, images):  # BatchNorm folded inside the timed step when fold_bn
+            net = model
+            if result["fold_bn"]:
+                net, variables = fold_batch_norm(model, variables)
+            return net.apply(variables, images, train=False)
+
         start = time.perf_counter()
         compiled = infer.lower(variables, batch["image"]).compile()
         result["compile_s"] = time.perf_counter() - start
@@ -447,7 +459,7 @@ def run_isolated(spec: dict) -> dict:
 def _model_spec(args, **fields) -> dict:
     spec = dict(kind="model", mode="train", image_size=args.image_size, dtype=args.dtype)
     spec |= dict(num_classes=args.num_classes, batch_size=args.batch_size, warmup=args.warmup)
-    spec |= dict(windows=args.windows, steps=args.steps)
+    spec |= dict(windows=args.windows, steps=args.steps, fold_bn=not args.no_fold_bn)
     return spec | (dict(profile_dir=args.profile_dir) if args.profile_dir else {}) | fields
 
 
@@ -590,6 +602,11 @@ def main(argv=None):
         "--config-overrides",
         default="{}",
         help='JSON dict of config fields, e.g. \'{"dataset.path": "FILE.npz"}\' (--input-pipeline)',
+    )
+    parser.add_argument(
+        "--no-fold-bn",
+        action="store_true",
+        help="inference without folding BatchNorm into the convs (lambdanet.models.fold)",
     )
     parser.add_argument("--only", help="comma list of Table 4 models or cost-table configs")
     parser.add_argument(

@@ -27,6 +27,7 @@ def test_model_benchmark_runs_on_cpu(capsys):
         assert "error" not in record, record
         assert record["img_per_s"] > 0 and record["compile_s"] > 0
         assert record["num_params"] > 0 and record["device"] and record["jax"]
+    assert records[1]["fold_bn"] is True  # inference folds BatchNorm unless --no-fold-bn
 
 
 def test_profile_is_written_and_summarised(tmp_path, capsys):
@@ -86,7 +87,7 @@ def test_cost_table_halves_the_batch_until_it_fits_and_counts_gpu_hours(capsys):
 
     args = argparse.Namespace(
         batch_size=128, image_size=224, dtype="bfloat16", num_classes=1000, warmup=1,
-        windows=1, steps=1, only="lambda_resnet420:320", profile_dir=None,
+        windows=1, steps=1, only="lambda_resnet420:320", profile_dir=None, no_fold_bn=False,
     )  # fmt: skip
     (record,) = benchmark.cost_table(args, fake_measure)
     assert calls == [128, 64, 32]

@@ -1,5 +1,6 @@
 """The model zoo: ResNet / ResNet-RS backbones, LambdaResNets, hybrids, attention baselines."""
 
+from lambdanet.models.fold import fold_batch_norm
 from lambdanet.models.placement import (
     BLOCK_TYPES,
     STAGE_SIZES,
@@ -17,6 +18,7 @@ __all__ = [
     "ModelEntry",
     "ResNet",
     "create_model",
+    "fold_batch_norm",
     "list_models",
     "model_entry",
     "paper_c4_indices",

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from lambdanet.layers.lambda_layer import LambdaLayer
+from lambdanet.models.fold import FoldedBatchNorm, check_not_training_folded
 from lambdanet.models.placement import parse_placement, stage_names
 
 ModuleDef = Any
@@ -122,6 +123,7 @@ class ByoaResNet(nn.Module):
       dropout_rate: dropout before the head (timm's ``drop_rate``).
       zero_init_last_bn: γ = 0 in the last BatchNorm of every block.
       bn_momentum, bn_epsilon: BatchNorm settings (PyTorch momentum 0.1 is Flax 0.9).
+      batch_norm_folded: the variables come from `fold_batch_norm` (inference only).
       dtype: compute dtype; param_dtype: parameter dtype.
     """
 
@@ -141,23 +143,25 @@ class ByoaResNet(nn.Module):
     zero_init_last_bn: bool = True
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    batch_norm_folded: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """x: [b, H, W, 3] -> logits [b, num_classes] (float32)."""
+        check_not_training_folded(self, train)
         placement = self._placement()
         act = self._activation()
         conv = functools.partial(
             nn.Conv,
-            use_bias=False,
+            use_bias=self.batch_norm_folded,
             kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
         norm = functools.partial(
-            nn.BatchNorm,
+            FoldedBatchNorm if self.batch_norm_folded else nn.BatchNorm,
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,

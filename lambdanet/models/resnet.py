@@ -39,6 +39,7 @@ from lambdanet.layers.attention import (
     SqueezeExcite,
 )
 from lambdanet.layers.lambda_layer import LambdaLayer, position_embedding_shape
+from lambdanet.models.fold import FoldedBatchNorm, check_not_training_folded
 from lambdanet.models.placement import parse_placement, stage_names
 
 ModuleDef = Any
@@ -156,6 +157,8 @@ class ResNet(nn.Module):
         at it (Table 4), parameters ``rel_embeddings_stride{4,8,16,32}`` of the model.
       attention_window: window side of the local self-attention baseline ("S").
       bn_momentum, bn_epsilon: BatchNorm settings (statistics in float32 under bfloat16).
+      batch_norm_folded: the variables come from `fold_batch_norm` (inference only): every
+        conv is biased and the BatchNorm after it is gone.
       dtype: compute dtype; param_dtype: parameter dtype.
     """
 
@@ -188,21 +191,23 @@ class ResNet(nn.Module):
     attention_window: int = 7
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    batch_norm_folded: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
         """x: [b, H, W, 3] -> logits [b, num_classes] (float32), or the features dict."""
+        check_not_training_folded(self, train)
         placement = parse_placement(self.placement, self.stage_sizes)
         stages = stage_names(len(self.stage_sizes))
         remat = self._remat_stages(stages)
         drop_rates = drop_path_rates(self.drop_path_rate, self.stage_sizes, self.drop_path_schedule)
         conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
+            nn.Conv, use_bias=self.batch_norm_folded, dtype=self.dtype, param_dtype=self.param_dtype
         )
         norm = functools.partial(
-            nn.BatchNorm,
+            FoldedBatchNorm if self.batch_norm_folded else nn.BatchNorm,
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,

@@ -1,0 +1,116 @@
+"""BatchNorm folding for inference: every conv -> BatchNorm pair becomes one biased conv.
+
+At inference a BatchNorm is the per-channel affine y = a·x + (β - a·μ), a = γ / sqrt(σ² + ε),
+with the running mean μ and variance σ². After a convolution it folds into the conv's weights:
+W' = a·W (scaled per output channel) and bias b' = β + a·(b - μ). The folded network computes the
+same function with one pass less over every activation, and its conv + bias (+ ReLU, + residual)
+is what XLA hands to cuDNN as one fused convolution.
+
+Pairs are found by name: the BatchNorm that follows a conv named ``...conv...`` is the sibling
+whose name has ``bn`` in place of ``conv`` (``conv1``/``bn1``, ``stem_conv1``/``stem_bn1``,
+``downsample_conv``/``downsample_bn``), the convention of `ResNet` and `ByoaResNet`. BatchNorms
+with no such conv before them (after a lambda layer, inside `LambdaLayer`) keep their
+variables and run as inference BatchNorm.
+
+    folded_model, folded_variables = fold_batch_norm(model, variables)
+    logits = folded_model.apply(folded_variables, images)  # == model.apply(variables, images)
+
+Cheap enough to call inside the jitted inference function (one multiply per weight).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def norm_name(conv_name: str) -> str:
+    """The name of the BatchNorm that follows conv ``conv_name`` (``conv1`` -> ``bn1``)."""
+    return conv_name.replace("conv", "bn")
+
+
+class FoldedBatchNorm(nn.BatchNorm):
+    """The BatchNorm slot of a folded model (``batch_norm_folded=True``), inference only.
+
+    Identity where `fold_batch_norm` folded this BatchNorm into the conv before it (its variables
+    are gone); otherwise a BatchNorm on its running statistics.
+    """
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *args, **kwargs):
+        if self.is_initializing():
+            raise ValueError(
+                "a model with batch_norm_folded=True is not initialised: build its variables with "
+                "lambdanet.models.fold_batch_norm(model, variables) from the unfolded model's"
+            )
+        if not self.has_variable("batch_stats", "mean"):
+            return x
+        return super().__call__(x, *args, **kwargs)
+
+
+def check_not_training_folded(model: nn.Module, train: bool) -> None:
+    """A folded model has no BatchNorm statistics to train: refuse train=True."""
+    if train and model.batch_norm_folded:
+        raise ValueError(
+            "batch_norm_folded=True is for inference (train=False): train the unfolded model "
+            "and fold its variables afterwards with lambdanet.models.fold_batch_norm"
+        )
+
+
+def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any]) -> tuple[nn.Module, dict]:
+    """(model, {"params", "batch_stats"}) -> the same network with its conv -> BN pairs folded.
+
+    ``model`` is a `ResNet` or `ByoaResNet` (anything with ``bn_epsilon`` and
+    ``batch_norm_folded`` attributes); the returned model is its clone with
+    ``batch_norm_folded=True`` and the returned variables hold every conv with a bias (zeros
+    where no BatchNorm followed it) and only the BatchNorms that could not be folded.
+    Raises ValueError if a conv's BatchNorm has no running statistics.
+    """
+    params, stats = _fold_scope(
+        dict(variables["params"]), dict(variables.get("batch_stats", {})), model.bn_epsilon
+    )
+    return model.clone(batch_norm_folded=True), {"params": params, "batch_stats": stats}
+
+
+def _fold_scope(params: Mapping, stats: Mapping, epsilon: float) -> tuple[dict, dict]:
+    params, stats = dict(params), dict(stats)
+    convs = [n for n, s in params.items() if "conv" in n and _is_conv(s)]
+    for name in convs:
+        bn = norm_name(name)
+        if bn in params:
+            if bn not in stats:
+                raise ValueError(f"BatchNorm {bn!r} has no batch_stats: pass the model's batch_stats")
+            params[name] = _fold_pair(params[name], params.pop(bn), stats.pop(bn), epsilon)
+        elif "bias" not in params[name]:
+            kernel = params[name]["kernel"]
+            params[name] = {**params[name], "bias": jnp.zeros(kernel.shape[-1:], kernel.dtype)}
+    for name, scope in params.items():
+        if name not in convs and isinstance(scope, Mapping):
+            params[name], stats[name] = _fold_scope(scope, stats.get(name, {}), epsilon)
+            if not stats[name]:
+                del stats[name]
+    return params, stats
+
+
+def _is_conv(scope: Any) -> bool:
+    return isinstance(scope, Mapping) and getattr(scope.get("kernel"), "ndim", 0) == 4
+
+
+def _fold_pair(conv: Mapping, bn: Mapping, stats: Mapping, epsilon: float) -> dict:
+    kernel = conv["kernel"]
+    f32 = jnp.float32
+    scale = bn.get("scale", jnp.ones_like(stats["var"])).astype(f32) * jax.lax.rsqrt(
+        stats["var"].astype(f32) + epsilon
+    )
+    bias = conv.get("bias", jnp.zeros_like(scale))
+    folded_bias = bn.get("bias", jnp.zeros_like(scale)).astype(f32) + scale * (
+        bias.astype(f32) - stats["mean"].astype(f32)
+    )
+    return {
+        "kernel": (kernel.astype(f32) * scale).astype(kernel.dtype),
+        "bias": folded_bias.astype(kernel.dtype),
+    }
