@@ -18,6 +18,8 @@ Modes (`scripts/benchmark.py` is the command line):
   python scripts/benchmark.py --layer        # one lambda layer: each implementation and timm's
   python scripts/benchmark.py --table4       # the paper's Table 4 on this device
   python scripts/benchmark.py --cost-table   # GPU-hours of every paper config's full schedule
+  python scripts/benchmark.py --cost-table --estimate-from results/raw/cost_table.jsonl
+      # the same table from measured rows, the missing configs estimated from their FLOPs
   python scripts/benchmark.py --model resnet50 --modes train --profile-dir traces/
       # then: python scripts/profile_summary.py traces/resnet50_train
   python scripts/benchmark.py --input-pipeline --config imagenette:resnet50 \\
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -509,11 +512,53 @@ def cost_table(args, measure) -> list[dict]:
             if not _is_out_of_memory(record) or batch_size <= 8:
                 break
             batch_size //= 2
-        if "img_per_s" in record:
-            hours = record["epochs"] * IMAGENET_TRAIN_EXAMPLES / record["img_per_s"] / 3600
-            record |= dict(gpu_hours_1gpu=hours, wall_hours_8gpu_linear=hours / 8)
+        record = _with_gpu_hours(record)
         print(json.dumps(record), flush=True)
         records.append(record)
+    return records
+
+
+def _with_gpu_hours(record: dict) -> dict:
+    if "img_per_s" not in record:
+        return record
+    hours = record["epochs"] * IMAGENET_TRAIN_EXAMPLES / record["img_per_s"] / 3600
+    return record | dict(gpu_hours_1gpu=hours, wall_hours_8gpu_linear=hours / 8)
+
+
+def config_flops(name: str) -> float:
+    """FLOPs of one image's inference forward pass at config ``name``'s resolution (XLA)."""
+    from lambdanet import analysis, train
+
+    config = load_config(name)
+    size = config.dataset.image_size
+    return analysis.flops(train.create_model(config, 1000), (1, size, size, 3))
+
+
+def estimate_cost_rows(measured: list[dict], only: str | None = None, flops_of=None):
+    """The cost table from measured rows, with every missing config estimated.
+
+    A config without a measurement gets the training FLOP rate (img/s x forward FLOPs per image)
+    of the measured config whose forward FLOPs per image are nearest to its own (the GEMM sizes,
+    hence the efficiency, follow the FLOPs), at that row's batch size: img/s = reference img/s x
+    reference FLOPs / FLOPs. Such rows carry ``estimated_from``; nothing is run on a device.
+    """
+    done = {r["config"]: r for r in measured if "img_per_s" in r}
+    if not done:
+        raise ValueError("no measured cost-table row (a line with img_per_s) to estimate from")
+    names = _selected(COST_CONFIGS, only)
+    flops_of = flops_of or config_flops
+    flops = {name: flops_of(name) for name in {*names, *done}}
+    records = []
+    for name in names:
+        if name in done:
+            records.append(done[name] | dict(fwd_gflops=flops[name] / 1e9))
+            continue
+        ref = min(done, key=lambda r: abs(math.log(flops[r] / flops[name])))
+        config = load_config(name)
+        record = dict(config=name, image_size=config.dataset.image_size, epochs=config.num_epochs)
+        record |= dict(batch_size=done[ref]["batch_size"], estimated_from=ref)
+        record |= dict(img_per_s=done[ref]["img_per_s"] * flops[ref] / flops[name])
+        records.append(_with_gpu_hours(record | dict(fwd_gflops=flops[name] / 1e9)))
     return records
 
 
@@ -563,12 +608,14 @@ def table4_markdown(records: list[dict], only: str | None = None) -> str:
 def cost_markdown(records: list[dict]) -> str:
     rows = [
         [r["config"], r.get("image_size", "-"), _fmt(r.get("epochs")), r["batch_size"],
-         _fmt(r.get("img_per_s")), _fmt(r.get("gpu_hours_1gpu")),
-         _fmt(r.get("wall_hours_8gpu_linear"), 1), r.get("error", "")[:60]]
+         _fmt(r.get("fwd_gflops"), 1), _fmt(r.get("img_per_s")), _fmt(r.get("gpu_hours_1gpu")),
+         _fmt(r.get("wall_hours_8gpu_linear"), 1),
+         f"estimated from {r['estimated_from']}" if "estimated_from" in r else "measured",
+         r.get("error", "")[:60]]
         for r in records
     ]  # fmt: skip
-    header = ["config", "image size", "epochs", "batch", "train img/s", "GPU-hours (1 GPU)",
-              "hours on 8 GPUs (linear)", "error"]  # fmt: skip
+    header = ["config", "image size", "epochs", "batch", "forward GFLOPs / image", "train img/s",
+              "GPU-hours (1 GPU)", "hours on 8 GPUs (linear)", "source", "error"]  # fmt: skip
     return _markdown(header, rows)
 
 
@@ -592,6 +639,11 @@ def main(argv=None):
     parser.add_argument("--scope", type=int, default=9, help="lambda layer scope r (--layer)")
     parser.add_argument("--table4", action="store_true", help="the paper's Table 4 (inference)")
     parser.add_argument("--cost-table", action="store_true", help="GPU-hours of paper configs")
+    parser.add_argument(
+        "--estimate-from",
+        help="with --cost-table: measure nothing, take the rows of this JSON-lines file and "
+        "estimate the missing configs from their forward FLOPs (runs on CPU)",
+    )
     parser.add_argument(
         "--input-pipeline",
         action="store_true",
@@ -619,6 +671,14 @@ def main(argv=None):
         print(json.dumps(run_measurement(json.loads(args.worker))), flush=True)
         return
     measure = run_measurement if args.no_isolate else run_isolated
+    if args.cost_table and args.estimate_from:
+        lines = Path(args.estimate_from).read_text().splitlines()
+        measured = [json.loads(line) for line in lines if line.strip()]
+        records = estimate_cost_rows(measured, args.only)
+        for record in records:
+            print(json.dumps(record), flush=True)
+        print(cost_markdown(records))
+        return
     if args.cost_table:
         print(cost_markdown(cost_table(args, measure)))
         return

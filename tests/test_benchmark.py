@@ -11,7 +11,11 @@ from lambdanet import benchmark
 
 
 def _records(capsys) -> list[dict]:
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line[:1] == "{"]
+    return _records_of(capsys.readouterr().out)
+
+
+def _records_of(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line[:1] == "{"]
 
 
 def test_model_benchmark_runs_on_cpu(capsys):
@@ -94,7 +98,38 @@ def test_cost_table_halves_the_batch_until_it_fits_and_counts_gpu_hours(capsys):
     hours = 350 * 1_281_167 / 1000 / 3600
     assert record["gpu_hours_1gpu"] == pytest.approx(hours)
     assert record["wall_hours_8gpu_linear"] == pytest.approx(hours / 8)
-    assert "| lambda_resnet420:320 | 320 | 350 | 32 | 1000 |" in benchmark.cost_markdown([record])
+    assert "| lambda_resnet420:320 | 320 | 350 | 32 | - | 1000 | 125 |" in benchmark.cost_markdown([record])
+
+
+def test_cost_rows_missing_a_measurement_are_estimated_from_the_nearest_flops(
+    tmp_path, monkeypatch, capsys
+):
+    gflops = {"lambda_resnet152:192": 16.0, "lambda_resnet152:224": 21.8,
+              "lambda_resnet270:256": 52.0, "lambda_resnet350:256": 66.0}  # fmt: skip
+    monkeypatch.setattr(benchmark, "config_flops", lambda name: gflops[name] * 1e9)
+    measured = [
+        {"config": "lambda_resnet152:192", "batch_size": 128, "img_per_s": 2000.0, "epochs": 350.0},
+        {"config": "lambda_resnet270:256", "batch_size": 64, "img_per_s": 900.0, "epochs": 350.0},
+        {"config": "lambda_resnet350:288", "batch_size": 128, "error": "worker exited 1"},
+    ]
+    path = tmp_path / "cost.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in measured) + "\n")
+    only = "lambda_resnet152:192,lambda_resnet152:224,lambda_resnet350:256"
+    benchmark.main(["--cost-table", "--estimate-from", str(path), "--only", only])
+    out = capsys.readouterr().out
+    rows = {r["config"]: r for r in _records_of(out)}
+    assert list(rows) == only.split(",")
+    assert "estimated_from" not in rows["lambda_resnet152:192"]
+    assert rows["lambda_resnet152:192"]["img_per_s"] == 2000.0
+    near = rows["lambda_resnet152:224"]  # 21.8 GFLOPs: nearer 16 than 52 (ratio 1.36 vs 2.39)
+    assert near["estimated_from"] == "lambda_resnet152:192"
+    assert near["img_per_s"] == pytest.approx(2000.0 * 16.0 / 21.8)
+    assert near["batch_size"] == 128 and near["image_size"] == 224 and near["epochs"] == 350
+    deep = rows["lambda_resnet350:256"]
+    assert deep["estimated_from"] == "lambda_resnet270:256" and deep["batch_size"] == 64
+    assert deep["gpu_hours_1gpu"] == pytest.approx(350 * 1_281_167 / (900 * 52 / 66) / 3600)
+    assert "| lambda_resnet350:256 | 256 | 350 | 64 | 66.0 |" in out
+    assert "estimated from lambda_resnet270:256" in out
 
 
 def test_every_cost_config_and_table4_model_exists():
