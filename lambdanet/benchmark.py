@@ -237,6 +237,27 @@ def measure_jax_model(spec: dict) -> dict:
     return result
 
 
+def apply_config_overrides(config, overrides: dict) -> None:
+    """Sets dotted config fields in place ({"dataset.path": "FILE.npz"}); an unknown field is a
+    ValueError that names it and lists the fields at its level. ``model.X`` may be new: the
+    model dict holds create_model overrides, which the registry checks when building."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for depth, part in enumerate([*parents, leaf]):
+            new_model_field = parents == ["model"] and depth == 1
+            if not new_model_field and (not hasattr(node, "keys") or part not in node.keys()):
+                where = ".".join(parents[:depth]) or "the config"
+                known = sorted(node.keys()) if hasattr(node, "keys") else []
+                raise ValueError(
+                    f"--config-overrides: {key!r} is not a config field ({part!r} is not in "
+                    f"{where}; its fields: {known}). Use dotted names, e.g. 'dataset.path'."
+                )
+            if depth < len(parents):
+                node = node[part]
+        node[leaf] = value
+
+
 def measure_input_pipeline(spec: dict) -> dict:
     """The training loop's step (`train.create_experiment`, device augmentation included) fed by
     the config's input pipeline, against the same compiled step fed one batch that is already on
@@ -248,12 +269,7 @@ def measure_input_pipeline(spec: dict) -> dict:
     from lambdanet import sharding, train
 
     config = load_config(spec["config"])
-    for key, value in spec.get("config_overrides", {}).items():  # "dataset.path": ...
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
+    apply_config_overrides(config, spec.get("config_overrides", {}))
     exp = train.create_experiment(config)
     batches = sharding.prefetch_to_device(exp.dataset.train_iter(0), exp.mesh)
     on_device = next(batches)
@@ -537,29 +553,44 @@ def config_flops(name: str) -> float:
 def estimate_cost_rows(measured: list[dict], only: str | None = None, flops_of=None):
     """The cost table from measured rows, with every missing config estimated.
 
-    A config without a measurement gets the training FLOP rate (img/s x forward FLOPs per image)
-    of the measured config whose forward FLOPs per image are nearest to its own (the GEMM sizes,
-    hence the efficiency, follow the FLOPs), at that row's batch size: img/s = reference img/s x
-    reference FLOPs / FLOPs. Such rows carry ``estimated_from``; nothing is run on a device.
+    The training FLOP rate, img/s x forward FLOPs per image, grows with the FLOPs per image (larger
+    matrix products). A config without a measurement gets the rate interpolated linearly in
+    log FLOPs between the two measured configs of its model family (registry family) whose FLOPs
+    bracket its own, or the nearest one's rate outside the measured range (no extrapolation), and
+    the batch size of that nearest row: img/s = rate / FLOPs. Such rows carry ``estimated_from``;
+    nothing runs on a device.
     """
-    done = {r["config"]: r for r in measured if "img_per_s" in r}
-    if not done:
-        raise ValueError("no measured cost-table row (a line with img_per_s) to estimate from")
-    names = _selected(COST_CONFIGS, only)
     flops_of = flops_of or config_flops
+    done = {r["config"]: r for r in measured if "img_per_s" in r}
+    names = _selected(COST_CONFIGS, only)
     flops = {name: flops_of(name) for name in {*names, *done}}
     records = []
     for name in names:
         if name in done:
             records.append(done[name] | dict(fwd_gflops=flops[name] / 1e9))
             continue
-        ref = min(done, key=lambda r: abs(math.log(flops[r] / flops[name])))
+        refs = sorted((r for r in done if _family(r) == _family(name)), key=flops.get)
+        if not refs:
+            raise ValueError(f"no measured {_family(name)!r} row to estimate {name!r} from")
+        rate = {r: done[r]["img_per_s"] * flops[r] for r in refs}
+        below = [r for r in refs if flops[r] <= flops[name]] or refs[:1]
+        above = [r for r in refs if flops[r] >= flops[name]] or refs[-1:]
+        lo, hi = below[-1], above[0]
+        t = 0.0 if lo == hi else math.log(flops[name] / flops[lo]) / math.log(flops[hi] / flops[lo])
+        nearest = min((lo, hi), key=lambda r: abs(math.log(flops[r] / flops[name])))
         config = load_config(name)
         record = dict(config=name, image_size=config.dataset.image_size, epochs=config.num_epochs)
-        record |= dict(batch_size=done[ref]["batch_size"], estimated_from=ref)
-        record |= dict(img_per_s=done[ref]["img_per_s"] * flops[ref] / flops[name])
+        record |= dict(batch_size=done[nearest]["batch_size"])
+        record |= dict(estimated_from=lo if lo == hi else f"{lo} .. {hi}")
+        record |= dict(img_per_s=((1 - t) * rate[lo] + t * rate[hi]) / flops[name])
         records.append(_with_gpu_hours(record | dict(fwd_gflops=flops[name] / 1e9)))
     return records
+
+
+def _family(config_name: str) -> str:
+    from lambdanet.models import model_entry
+
+    return model_entry(load_config(config_name).model_name).family
 
 
 def _markdown(header: list[str], rows: list[list]) -> str:
@@ -608,7 +639,8 @@ def table4_markdown(records: list[dict], only: str | None = None) -> str:
 def cost_markdown(records: list[dict]) -> str:
     rows = [
         [r["config"], r.get("image_size", "-"), _fmt(r.get("epochs")), r["batch_size"],
-         _fmt(r.get("fwd_gflops"), 1), _fmt(r.get("img_per_s")), _fmt(r.get("gpu_hours_1gpu")),
+         _fmt(r.get("fwd_gflops"), 1), _fmt(r.get("img_per_s")),
+         _fmt(r.get("gpu_hours_1gpu"), 1),
          _fmt(r.get("wall_hours_8gpu_linear"), 1),
          f"estimated from {r['estimated_from']}" if "estimated_from" in r else "measured",
          r.get("error", "")[:60]]

@@ -3,6 +3,7 @@
 import argparse
 import gzip
 import json
+import math
 
 import numpy as np
 import pytest
@@ -98,19 +99,21 @@ def test_cost_table_halves_the_batch_until_it_fits_and_counts_gpu_hours(capsys):
     hours = 350 * 1_281_167 / 1000 / 3600
     assert record["gpu_hours_1gpu"] == pytest.approx(hours)
     assert record["wall_hours_8gpu_linear"] == pytest.approx(hours / 8)
-    assert "| lambda_resnet420:320 | 320 | 350 | 32 | - | 1000 | 125 |" in benchmark.cost_markdown([record])
+    assert "| lambda_resnet420:320 | 320 | 350 | 32 | - | 1000 | 124.6 |" in benchmark.cost_markdown([record])
 
 
-def test_cost_rows_missing_a_measurement_are_estimated_from_the_nearest_flops(
+def test_missing_cost_rows_interpolate_the_flop_rate_of_their_family(
     tmp_path, monkeypatch, capsys
 ):
-    gflops = {"lambda_resnet152:192": 16.0, "lambda_resnet152:224": 21.8,
+    gflops = {"lambda_resnet152:192": 16.0, "lambda_resnet152:224": 21.8, "lambda_resnet50_all": 66.0,
               "lambda_resnet270:256": 52.0, "lambda_resnet350:256": 66.0}  # fmt: skip
     monkeypatch.setattr(benchmark, "config_flops", lambda name: gflops[name] * 1e9)
     measured = [
         {"config": "lambda_resnet152:192", "batch_size": 128, "img_per_s": 2000.0, "epochs": 350.0},
         {"config": "lambda_resnet270:256", "batch_size": 64, "img_per_s": 900.0, "epochs": 350.0},
         {"config": "lambda_resnet350:288", "batch_size": 128, "error": "worker exited 1"},
+        # another family (Table 3 model) with the very FLOPs of lambda_resnet350:256: not used
+        {"config": "lambda_resnet50_all", "batch_size": 128, "img_per_s": 5000.0, "epochs": 90.0},
     ]
     path = tmp_path / "cost.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in measured) + "\n")
@@ -121,15 +124,16 @@ def test_cost_rows_missing_a_measurement_are_estimated_from_the_nearest_flops(
     assert list(rows) == only.split(",")
     assert "estimated_from" not in rows["lambda_resnet152:192"]
     assert rows["lambda_resnet152:192"]["img_per_s"] == 2000.0
-    near = rows["lambda_resnet152:224"]  # 21.8 GFLOPs: nearer 16 than 52 (ratio 1.36 vs 2.39)
-    assert near["estimated_from"] == "lambda_resnet152:192"
-    assert near["img_per_s"] == pytest.approx(2000.0 * 16.0 / 21.8)
-    assert near["batch_size"] == 128 and near["image_size"] == 224 and near["epochs"] == 350
-    deep = rows["lambda_resnet350:256"]
-    assert deep["estimated_from"] == "lambda_resnet270:256" and deep["batch_size"] == 64
-    assert deep["gpu_hours_1gpu"] == pytest.approx(350 * 1_281_167 / (900 * 52 / 66) / 3600)
-    assert "| lambda_resnet350:256 | 256 | 350 | 64 | 66.0 |" in out
-    assert "estimated from lambda_resnet270:256" in out
+    between = rows["lambda_resnet152:224"]  # FLOP rates 32,000 and 46,800 G at 16 and 52 GFLOPs
+    assert between["estimated_from"] == "lambda_resnet152:192 .. lambda_resnet270:256"
+    t = math.log(21.8 / 16.0) / math.log(52.0 / 16.0)
+    assert between["img_per_s"] == pytest.approx(((1 - t) * 32_000 + t * 46_800) / 21.8)
+    assert between["batch_size"] == 128 and between["image_size"] == 224 and between["epochs"] == 350
+    beyond = rows["lambda_resnet350:256"]  # past the largest measured row: its rate, its batch
+    assert beyond["estimated_from"] == "lambda_resnet270:256" and beyond["batch_size"] == 64
+    assert beyond["gpu_hours_1gpu"] == pytest.approx(350 * 1_281_167 / (900 * 52 / 66) / 3600)
+    assert "| lambda_resnet350:256 | 256 | 350 | 64 | 66.0 | 709 | 175.7 | 22.0 |" in out
+    assert "estimated from lambda_resnet270:256 |" in out
 
 
 def test_every_cost_config_and_table4_model_exists():
@@ -166,3 +170,13 @@ def test_input_pipeline_benchmark_runs_a_config_on_cpu(tmp_path):
         record["real_img_per_s"] / record["synthetic_img_per_s"]
     )
     assert len(record["window_img_per_s"]["real"]) == 2 and record["input_ms_per_step"] > 0
+
+
+def test_config_overrides_set_dotted_fields_and_name_unknown_ones():
+    config = benchmark.load_config("imagenette:resnet50")
+    benchmark.apply_config_overrides(config, {"dataset.path": "x.npz", "num_epochs": 2})
+    assert config.dataset.path == "x.npz" and config.num_epochs == 2
+    with pytest.raises(ValueError, match=r"'dataset.pth' is not a config field.*'path'"):
+        benchmark.apply_config_overrides(config, {"dataset.pth": "x.npz"})
+    with pytest.raises(ValueError, match="'datset' is not in the config"):
+        benchmark.apply_config_overrides(config, {"datset.path": "x.npz"})
