@@ -99,14 +99,16 @@ def test_cost_table_halves_the_batch_until_it_fits_and_counts_gpu_hours(capsys):
     hours = 350 * 1_281_167 / 1000 / 3600
     assert record["gpu_hours_1gpu"] == pytest.approx(hours)
     assert record["wall_hours_8gpu_linear"] == pytest.approx(hours / 8)
-    assert "| lambda_resnet420:320 | 320 | 350 | 32 | - | 1000 | 124.6 |" in benchmark.cost_markdown([record])
+    assert (
+        "| lambda_resnet420:320 | 320 | 350 | 32 | - | 1000 | 124.6 |"
+        in benchmark.cost_markdown([record])
+    )
 
 
-def test_missing_cost_rows_interpolate_the_flop_rate_of_their_family(
-    tmp_path, monkeypatch, capsys
-):
-    gflops = {"lambda_resnet152:192": 16.0, "lambda_resnet152:224": 21.8, "lambda_resnet50_all": 66.0,
-              "lambda_resnet270:256": 52.0, "lambda_resnet350:256": 66.0}  # fmt: skip
+def test_missing_cost_rows_interpolate_the_flop_rate_of_their_family(tmp_path, monkeypatch, capsys):
+    gflops = {"lambda_resnet152:192": 16.0, "lambda_resnet152:224": 21.8,
+              "lambda_resnet270:256": 52.0, "lambda_resnet350:256": 66.0,
+              "lambda_resnet50_all": 66.0}  # fmt: skip
     monkeypatch.setattr(benchmark, "config_flops", lambda name: gflops[name] * 1e9)
     measured = [
         {"config": "lambda_resnet152:192", "batch_size": 128, "img_per_s": 2000.0, "epochs": 350.0},
@@ -128,7 +130,9 @@ def test_missing_cost_rows_interpolate_the_flop_rate_of_their_family(
     assert between["estimated_from"] == "lambda_resnet152:192 .. lambda_resnet270:256"
     t = math.log(21.8 / 16.0) / math.log(52.0 / 16.0)
     assert between["img_per_s"] == pytest.approx(((1 - t) * 32_000 + t * 46_800) / 21.8)
-    assert between["batch_size"] == 128 and between["image_size"] == 224 and between["epochs"] == 350
+    assert (
+        between["batch_size"] == 128 and between["image_size"] == 224 and between["epochs"] == 350
+    )
     beyond = rows["lambda_resnet350:256"]  # past the largest measured row: its rate, its batch
     assert beyond["estimated_from"] == "lambda_resnet270:256" and beyond["batch_size"] == 64
     assert beyond["gpu_hours_1gpu"] == pytest.approx(350 * 1_281_167 / (900 * 52 / 66) / 3600)

@@ -1,4 +1,4 @@
-"""BatchNorm folding: the folded network computes the unfolded one's logits (lambdanet.models.fold)."""
+"""BatchNorm folding (lambdanet.models.fold): the folded network gives the unfolded logits."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def count(tree) -> int:
     "name, overrides",
     [
         ("resnet50", {}),  # 7x7 stem + max-pool, projection shortcuts
-        ("lambda_resnet50", dict(placement="C,C,CL,L", scope_size=5)),  # ResNet-RS: deep stem, pool conv, avg-down, SE
+        # ResNet-RS: deep stem, pool conv, avg-down, SE
+        ("lambda_resnet50", dict(placement="C,C,CL,L", scope_size=5)),
         ("hybrid_resnet50", dict(placement="C,L,C,L", scope_size=5)),  # BN after lambda layers
         ("lambda_resnet26t", {}),  # timm port (ByoaResNet): post-lambda BN, 2x2 pool
     ],

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from lambdanet.layers.lambda_layer import LambdaLayer
+from lambdanet.layers.pooling import max_pool_3x3
 from lambdanet.models.fold import FoldedBatchNorm, check_not_training_folded
 from lambdanet.models.placement import parse_placement, stage_names
 
@@ -111,6 +112,8 @@ class ByoaResNet(nn.Module):
       placement: "C" (3x3 conv) or "L" (lambda layer) per block (`placement.parse_placement`).
       num_classes: logits of the head.
       stem_widths: output channels of the three stem convs.
+      max_pool_grad: gradient of the stem max-pool, "scatter" (XLA's select_and_scatter) or
+        "views" (scatter-free, the same values; `lambdanet.layers.pooling`).
       base_width: bottleneck width of c2 (doubles per stage; block outputs are 4x).
       activation: "relu" or "silu".
       shortcut: "conv1x1" (ByobNet) or "avg" (timm ResNet-D ``avg_down``).
@@ -131,6 +134,7 @@ class ByoaResNet(nn.Module):
     placement: Any = "C,C,C,C"
     num_classes: int = 1000
     stem_widths: Sequence[int] = (24, 32, 64)
+    max_pool_grad: str = "scatter"
     base_width: int = 64
     activation: str = "relu"
     shortcut: str = "conv1x1"
@@ -173,7 +177,7 @@ class ByoaResNet(nn.Module):
             strides = (2, 2) if i == 0 else (1, 1)
             x = conv(width, (3, 3), strides, padding=1, name=f"stem_conv{i + 1}")(x)
             x = act(norm(name=f"stem_bn{i + 1}")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool_3x3(x, self.max_pool_grad)
         drop_rates = iter(self._drop_path_rates())
         stages = stage_names(len(self.stage_sizes))
         for s, (stage, block_types) in enumerate(zip(stages, placement, strict=True)):

@@ -83,7 +83,9 @@ def _fold_scope(params: Mapping, stats: Mapping, epsilon: float) -> tuple[dict, 
         bn = norm_name(name)
         if bn in params:
             if bn not in stats:
-                raise ValueError(f"BatchNorm {bn!r} has no batch_stats: pass the model's batch_stats")
+                raise ValueError(
+                    f"BatchNorm {bn!r} has no batch_stats: pass the model's batch_stats"
+                )
             params[name] = _fold_pair(params[name], params.pop(bn), stats.pop(bn), epsilon)
         elif "bias" not in params[name]:
             kernel = params[name]["kernel"]

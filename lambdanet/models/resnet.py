@@ -39,6 +39,7 @@ from lambdanet.layers.attention import (
     SqueezeExcite,
 )
 from lambdanet.layers.lambda_layer import LambdaLayer, position_embedding_shape
+from lambdanet.layers.pooling import max_pool_3x3
 from lambdanet.models.fold import FoldedBatchNorm, check_not_training_folded
 from lambdanet.models.placement import parse_placement, stage_names
 
@@ -138,6 +139,8 @@ class ResNet(nn.Module):
       base_width: bottleneck width of c2 (widths double per stage, outputs are 4x).
       deep_stem: ResNet-D stem, 3x3 convs (w/2, w/2, w), instead of one 7x7 conv (w).
       replace_stem_pool: the stem max-pool becomes a 3x3 stride-2 conv + BN + ReLU (ResNet-RS).
+      max_pool_grad: gradient of the stem max-pool, "scatter" (XLA's select_and_scatter) or
+        "views" (scatter-free, the same values; `lambdanet.layers.pooling`).
       avg_down: ResNet-D shortcut, 2x2 average pool then 1x1 conv, in downsampling blocks.
       se_ratio: squeeze-excitation in conv blocks, reduced width = ratio x block output
         channels (ResNet-RS 0.25; Hu et al.'s reduction 16 is 1/16); 0 disables it.
@@ -168,6 +171,7 @@ class ResNet(nn.Module):
     base_width: int = 64
     deep_stem: bool = False
     replace_stem_pool: bool = False
+    max_pool_grad: str = "scatter"
     avg_down: bool = False
     se_ratio: float = 0.0
     drop_path_rate: float = 0.0
@@ -268,7 +272,7 @@ class ResNet(nn.Module):
         if self.replace_stem_pool:
             x = conv(width, (3, 3), (2, 2), padding=1, name="stem_pool_conv")(x)
             return nn.relu(norm(name="stem_pool_bn")(x))
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return max_pool_3x3(x, self.max_pool_grad)
 
     def _mixer(self, block_type: str) -> ModuleDef | None:
         """The module (partial) that fills a non-conv 3x3 slot."""
