@@ -75,7 +75,9 @@ def test_models_get_the_same_gradients_with_either_max_pool_gradient(name):
         return jax.jit(jax.grad(loss))(variables["params"])
 
     want, got = grads("scatter"), grads("views")
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    for (path, g), w in zip(
+        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True
+    ):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
     with pytest.raises(ValueError, match="max_pool_grad='gather'"):
         create_model(name, max_pool_grad="gather", **tiny).init(jax.random.key(1), x)
