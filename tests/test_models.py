@@ -434,3 +434,9 @@ def test_blocked_lambda_layers_give_the_einsum_logits(monkeypatch):
     got = blocked.apply(variables, x)
     assert tiled == [16 * 16, 16 * 16]  # c2 and c3's block tiled; c4 and c5 too small to tile
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+def test_resnet_forwards_block_size_to_its_lambda_layers():
+    tiny = dict(num_classes=10, stage_sizes=(1, 1, 1, 1), base_width=8, scope_size=3)
+    with pytest.raises(ValueError, match="block_size must be positive, got 0"):
+        abstract("lambda_resnet50_all", impl="blocked", block_size=0, **tiny)
