@@ -200,13 +200,11 @@ def measure_jax_model(spec: dict) -> dict:
         from lambdanet.models import fold_batch_norm
 
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        result["fold_bn"] = spec.get("fold_bn", True)
+        fold = result["fold_bn"] = spec.get("fold_bn", True)
 
         @jax.jit
-        def infer(variables, images):  # BatchNorm folded inside the timed step when fold_bn
-            net = model
-            if result["fold_bn"]:
-                net, variables = fold_batch_norm(model, variables)
+        def infer(variables, images):  # BatchNorm folded inside the timed step
+            net, variables = fold_batch_norm(model, variables) if fold else (model, variables)
             return net.apply(variables, images, train=False)
 
         start = time.perf_counter()
@@ -241,20 +239,24 @@ def apply_config_overrides(config, overrides: dict) -> None:
     """Sets dotted config fields in place ({"dataset.path": "FILE.npz"}); an unknown field is a
     ValueError that names it and lists the fields at its level. ``model.X`` may be new: the
     model dict holds create_model overrides, which the registry checks when building."""
+
+    def require(node, part: str, key: str, path: list[str]) -> None:
+        if not hasattr(node, "keys") or part not in node.keys():
+            known = sorted(node.keys()) if hasattr(node, "keys") else []
+            raise ValueError(
+                f"--config-overrides: {key!r} is not a config field ({part!r} is not in "
+                f"{'.'.join(path) or 'the config'}; its fields: {known}). Use dotted names, "
+                "e.g. 'dataset.path'."
+            )
+
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = config
-        for depth, part in enumerate([*parents, leaf]):
-            new_model_field = parents == ["model"] and depth == 1
-            if not new_model_field and (not hasattr(node, "keys") or part not in node.keys()):
-                where = ".".join(parents[:depth]) or "the config"
-                known = sorted(node.keys()) if hasattr(node, "keys") else []
-                raise ValueError(
-                    f"--config-overrides: {key!r} is not a config field ({part!r} is not in "
-                    f"{where}; its fields: {known}). Use dotted names, e.g. 'dataset.path'."
-                )
-            if depth < len(parents):
-                node = node[part]
+        for depth, part in enumerate(parents):
+            require(node, part, key, parents[:depth])
+            node = node[part]
+        if parents != ["model"]:
+            require(node, leaf, key, parents)
         node[leaf] = value
 
 

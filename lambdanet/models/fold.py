@@ -3,8 +3,8 @@
 At inference a BatchNorm is the per-channel affine y = a·x + (β - a·μ), a = γ / sqrt(σ² + ε),
 with the running mean μ and variance σ². After a convolution it folds into the conv's weights:
 W' = a·W (scaled per output channel) and bias b' = β + a·(b - μ). The folded network computes the
-same function with one pass less over every activation, and its conv + bias (+ ReLU, + residual)
-is what XLA hands to cuDNN as one fused convolution.
+same function without the scale-and-shift pass over every conv output; the bias (+ ReLU) that
+remains is what XLA can fuse into the convolution.
 
 Pairs are found by name: the BatchNorm that follows a conv named ``...conv...`` is the sibling
 whose name has ``bn`` in place of ``conv`` (``conv1``/``bn1``, ``stem_conv1``/``stem_bn1``,
