@@ -566,14 +566,15 @@ def estimate_cost_rows(measured: list[dict], only: str | None = None, flops_of=N
     done = {r["config"]: r for r in measured if "img_per_s" in r}
     names = _selected(COST_CONFIGS, only)
     flops = {name: flops_of(name) for name in {*names, *done}}
+    family = {name: _family(name) for name in flops}
     records = []
     for name in names:
         if name in done:
             records.append(done[name] | dict(fwd_gflops=flops[name] / 1e9))
             continue
-        refs = sorted((r for r in done if _family(r) == _family(name)), key=flops.get)
+        refs = sorted((r for r in done if family[r] == family[name]), key=flops.get)
         if not refs:
-            raise ValueError(f"no measured {_family(name)!r} row to estimate {name!r} from")
+            raise ValueError(f"no measured {family[name]!r} row to estimate {name!r} from")
         rate = {r: done[r]["img_per_s"] * flops[r] for r in refs}
         below = [r for r in refs if flops[r] <= flops[name]] or refs[:1]
         above = [r for r in refs if flops[r] >= flops[name]] or refs[-1:]
