@@ -18,6 +18,8 @@ Modes (`scripts/benchmark.py` is the command line):
   python scripts/benchmark.py --layer        # one lambda layer: each implementation and timm's
   python scripts/benchmark.py --table4       # the paper's Table 4 on this device
   python scripts/benchmark.py --cost-table   # GPU-hours of every paper config's full schedule
+  python scripts/benchmark.py --model resnet50 --modes train --scaling 1,2,4,8
+      # data parallel on the first N devices, --batch-size per device; efficiency vs N = 1
   python scripts/benchmark.py --cost-table --estimate-from results/raw/cost_table.jsonl
       # the same table from measured rows, the missing configs estimated from their FLOPs
   python scripts/benchmark.py --model resnet50 --modes train --profile-dir traces/
@@ -160,7 +162,14 @@ def measure_jax_model(spec: dict) -> dict:
     spec.setdefault("image_size", config.dataset.image_size)
     config.ema_decay = 0.0
     config.nesterov, config.label_smoothing = True, 0.1
-    mesh = sharding.create_mesh()
+    devices = jax.devices()
+    num_devices = spec.get("num_devices") or len(devices)
+    if num_devices > len(devices):
+        raise ValueError(
+            f"{num_devices} devices asked for but {len(devices)} are visible: "
+            f"pass --scaling counts up to {len(devices)}"
+        )
+    mesh = sharding.create_mesh(devices[:num_devices])
     size = spec["image_size"]
     model = train.create_model(config, spec["num_classes"])
     lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=1000, num_train_steps=100_000)
@@ -173,6 +182,7 @@ def measure_jax_model(spec: dict) -> dict:
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     rngs = train.create_rngs(config, mesh)
     result = {"num_params": train.count_params(state.params), "image_size": size}
+    result["num_devices"] = num_devices
     result |= {"epochs": config.num_epochs, "model": config.model_name}
 
     if spec["mode"] == "train":
@@ -503,6 +513,13 @@ def build_specs(args) -> list[dict]:
         ]
     specs = []
     overrides = json.loads(args.overrides)
+    if args.scaling:
+        return [
+            _model_spec(args, mode=mode, model=args.model, overrides=overrides)
+            | dict(num_devices=n, batch_size=args.batch_size * n)
+            for mode in args.modes.split(",")
+            for n in _device_counts(args.scaling)
+        ]
     for mode in args.modes.split(","):
         specs.append(_model_spec(args, mode=mode, model=args.model, overrides=overrides))
         for peer in args.peer or []:
@@ -510,6 +527,34 @@ def build_specs(args) -> list[dict]:
             if args.peer_compile and mode == "train":
                 specs.append(_model_spec(args, mode=mode, model=peer, compile=True))
     return specs
+
+
+def _device_counts(scaling: str) -> list[int]:
+    counts = [int(n) for n in scaling.split(",")]
+    if 1 not in counts or min(counts) < 1:
+        raise ValueError(f"--scaling {scaling}: list device counts >= 1 and include 1 (the base)")
+    return counts
+
+
+def scaling_markdown(records: list[dict]) -> str:
+    """Throughput on N devices against N x the one-device throughput of the same model and mode."""
+    base = {
+        (r["model"], r["mode"]): r["img_per_s"]
+        for r in records
+        if r.get("num_devices") == 1 and "img_per_s" in r
+    }
+    rows = []
+    for r in records:
+        rate, one = r.get("img_per_s"), base.get((r["model"], r["mode"]))
+        n = r["num_devices"]
+        efficiency = None if rate is None or one is None else rate / (n * one)
+        rows.append(
+            [r["model"], r["mode"], n, r["batch_size"], _fmt(rate), _fmt(rate and rate / n),
+             _fmt(efficiency, 3), _fmt(r.get("peak_gib"), 2), r.get("error", "")[:60]]
+        )  # fmt: skip
+    header = ["model", "mode", "devices", "global batch", "img/s", "img/s per device",
+              "efficiency", "peak GiB (device 0)", "error"]  # fmt: skip
+    return _markdown(header, rows)
 
 
 def _is_out_of_memory(record: dict) -> bool:
@@ -695,6 +740,11 @@ def main(argv=None):
         action="store_true",
         help="inference without folding BatchNorm into the convs (lambdanet.models.fold)",
     )
+    parser.add_argument(
+        "--scaling",
+        help="comma list of device counts (e.g. 1,2,4,8): data parallel on the first N devices, "
+        "--batch-size per device, with a table of scaling efficiency",
+    )
     parser.add_argument("--only", help="comma list of Table 4 models or cost-table configs")
     parser.add_argument(
         "--profile-dir", help="also write a JAX profiler trace of --steps steps of our models"
@@ -723,6 +773,8 @@ def main(argv=None):
         print(json.dumps(records[-1]), flush=True)
     if args.table4:
         print(table4_markdown(records, args.only))
+    if args.scaling:
+        print(scaling_markdown(records))
 
 
 if __name__ == "__main__":

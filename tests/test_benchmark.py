@@ -35,6 +35,29 @@ def test_model_benchmark_runs_on_cpu(capsys):
     assert records[1]["fold_bn"] is True  # inference folds BatchNorm unless --no-fold-bn
 
 
+def test_scaling_runs_data_parallel_on_the_first_n_devices(capsys):
+    tiny = json.dumps(dict(stage_sizes=[1, 1, 1, 1], base_width=8))
+    benchmark.main(
+        ["--model", "resnet50", "--overrides", tiny, "--image-size", "32", "--batch-size", "4"]
+        + ["--warmup", "1", "--windows", "1", "--steps", "1", "--num-classes", "10"]
+        + ["--dtype", "float32", "--no-isolate", "--modes", "train", "--scaling", "1,2,16"]
+    )
+    out = capsys.readouterr().out
+    one, two, too_many = _records_of(out)
+    assert (one["num_devices"], one["batch_size"]) == (1, 4)
+    assert (two["num_devices"], two["batch_size"]) == (2, 8)  # --batch-size is per device
+    assert one["img_per_s"] > 0 and two["img_per_s"] > 0
+    assert "16 devices asked for but 8 are visible" in too_many["error"]
+    efficiency = two["img_per_s"] / (2 * one["img_per_s"])
+    row = next(line for line in out.splitlines() if line.startswith("| resnet50 | train | 2 |"))
+    assert f"| {efficiency:.3f} |" in row
+
+
+def test_scaling_needs_the_one_device_base():
+    with pytest.raises(ValueError, match="include 1"):
+        benchmark._device_counts("2,4")
+
+
 def test_profile_is_written_and_summarised(tmp_path, capsys):
     from scripts import profile_summary
 
