@@ -752,6 +752,8 @@ def main(argv=None):
     parser.add_argument("--no-isolate", action="store_true", help="measure in this process")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.scaling and (args.peer or args.layer or args.table4 or args.cost_table):
+        parser.error("--scaling times --model alone: drop --peer, --layer, --table4, --cost-table")
     if args.worker:
         print(json.dumps(run_measurement(json.loads(args.worker))), flush=True)
         return

@@ -53,9 +53,12 @@ def test_scaling_runs_data_parallel_on_the_first_n_devices(capsys):
     assert f"| {efficiency:.3f} |" in row
 
 
-def test_scaling_needs_the_one_device_base():
+def test_scaling_needs_the_one_device_base_and_no_peer(capsys):
     with pytest.raises(ValueError, match="include 1"):
         benchmark._device_counts("2,4")
+    with pytest.raises(SystemExit):
+        benchmark.main(["--scaling", "1,2", "--peer", "timm:resnet50"])
+    assert "--scaling times --model alone: drop --peer" in capsys.readouterr().err
 
 
 def test_profile_is_written_and_summarised(tmp_path, capsys):
