@@ -518,7 +518,7 @@ def build_specs(args) -> list[dict]:
             _model_spec(args, mode=mode, model=args.model, overrides=overrides)
             | dict(num_devices=n, batch_size=args.batch_size * n)
             for mode in args.modes.split(",")
-            for n in _device_counts(args.scaling)
+            for n in args.scaling
         ]
     for mode in args.modes.split(","):
         specs.append(_model_spec(args, mode=mode, model=args.model, overrides=overrides))
@@ -530,9 +530,12 @@ def build_specs(args) -> list[dict]:
 
 
 def _device_counts(scaling: str) -> list[int]:
-    counts = [int(n) for n in scaling.split(",")]
-    if 1 not in counts or min(counts) < 1:
-        raise ValueError(f"--scaling {scaling}: list device counts >= 1 and include 1 (the base)")
+    """--scaling's argument "1,2,4" -> [1, 2, 4]; it must hold the one-device base."""
+    counts = [int(n) for n in scaling.split(",") if n.strip().isdigit()]
+    if len(counts) != len(scaling.split(",")) or 1 not in counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{scaling!r}: give device counts >= 1, comma-separated, including 1 (the base)"
+        )
     return counts
 
 
@@ -742,6 +745,7 @@ def main(argv=None):
     )
     parser.add_argument(
         "--scaling",
+        type=_device_counts,
         help="comma list of device counts (e.g. 1,2,4,8): data parallel on the first N devices, "
         "--batch-size per device, with a table of scaling efficiency",
     )

@@ -53,9 +53,14 @@ def test_scaling_runs_data_parallel_on_the_first_n_devices(capsys):
     assert f"| {efficiency:.3f} |" in row
 
 
-def test_scaling_needs_the_one_device_base_and_no_peer(capsys):
-    with pytest.raises(ValueError, match="include 1"):
-        benchmark._device_counts("2,4")
+@pytest.mark.parametrize("counts", ["2,4", "1,x", "0,1"])
+def test_scaling_counts_must_be_positive_and_include_one(counts, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--scaling", counts])
+    assert "including 1 (the base)" in capsys.readouterr().err
+
+
+def test_scaling_measures_no_peer(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--scaling", "1,2", "--peer", "timm:resnet50"])
     assert "--scaling times --model alone: drop --peer" in capsys.readouterr().err
