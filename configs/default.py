@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.label_smoothing = 0.1
     config.ema_decay = 0.9999  # 0 disables the EMA; eval uses the EMA weights otherwise
     config.half_precision = True  # bfloat16 compute, float32 parameters
+    # BatchNorm statistics over the global batch (all-reduced across devices). False: over each
+    # device's shard, with no all-reduce (PyTorch DDP without SyncBatchNorm).
+    config.sync_batch_norm = True
     config.skip_nonfinite_steps = False  # False: stop at a NaN/inf loss or gradient
 
     config.log_every_steps = 100

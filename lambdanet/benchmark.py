@@ -20,6 +20,7 @@ Modes (`scripts/benchmark.py` is the command line):
   python scripts/benchmark.py --cost-table   # GPU-hours of every paper config's full schedule
   python scripts/benchmark.py --model resnet50 --modes train --scaling 1,2,4,8
       # data parallel on the first N devices, --batch-size per device; efficiency vs N = 1
+      # (--config-overrides '{"sync_batch_norm": false}': BatchNorm statistics per device)
   python scripts/benchmark.py --cost-table --estimate-from results/raw/cost_table.jsonl
       # the same table from measured rows, the missing configs estimated from their FLOPs
   python scripts/benchmark.py --model resnet50 --modes train --profile-dir traces/
@@ -162,6 +163,7 @@ def measure_jax_model(spec: dict) -> dict:
     spec.setdefault("image_size", config.dataset.image_size)
     config.ema_decay = 0.0
     config.nesterov, config.label_smoothing = True, 0.1
+    apply_config_overrides(config, spec.get("config_overrides", {}))
     devices = jax.devices()
     num_devices = spec.get("num_devices") or len(devices)
     if num_devices > len(devices):
@@ -193,6 +195,7 @@ def measure_jax_model(spec: dict) -> dict:
                 preprocess_fn=lambda b, rng, train: b,
                 label_smoothing=config.label_smoothing,
                 ema_decay=config.ema_decay,
+                batch_norm_groups=train.batch_norm_groups(config, mesh),
             ),
             donate_argnums=0,
         )
@@ -491,6 +494,8 @@ def _model_spec(args, **fields) -> dict:
     spec = dict(kind="model", mode="train", image_size=args.image_size, dtype=args.dtype)
     spec |= dict(num_classes=args.num_classes, batch_size=args.batch_size, warmup=args.warmup)
     spec |= dict(windows=args.windows, steps=args.steps, fold_bn=not args.no_fold_bn)
+    config_overrides = json.loads(args.config_overrides)
+    spec |= dict(config_overrides=config_overrides) if config_overrides else {}
     return spec | (dict(profile_dir=args.profile_dir) if args.profile_dir else {}) | fields
 
 
@@ -736,7 +741,8 @@ def main(argv=None):
     parser.add_argument(
         "--config-overrides",
         default="{}",
-        help='JSON dict of config fields, e.g. \'{"dataset.path": "FILE.npz"}\' (--input-pipeline)',
+        help="JSON dict of config fields, e.g. '{\"sync_batch_norm\": false}' or (with "
+        '--input-pipeline) \'{"dataset.path": "FILE.npz"}\'',
     )
     parser.add_argument(
         "--no-fold-bn",

@@ -172,6 +172,44 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def apply_for_training(
+    apply_fn: Callable[..., Any],
+    variables: dict[str, Any],
+    images: jax.Array,
+    dropout_rng: jax.Array,
+    groups: int = 1,
+) -> tuple[jax.Array, Any]:
+    """The training forward pass: images [b, S, S, 3] -> (logits [b, classes], new batch_stats).
+
+    groups > 1 splits the batch into [groups, b / groups, S, S, 3] and vmaps the model over the
+    groups, so every BatchNorm takes its statistics per group. With one group per device (the
+    batch is sharded in that order) each device normalises its own shard and BatchNorm needs no
+    all-reduce, as in PyTorch DDP without SyncBatchNorm. The new running statistics are the mean
+    of the groups'; each group draws its own dropout and stochastic-depth masks.
+    """
+
+    def apply(images, rng):
+        logits, state = apply_fn(
+            variables, images, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
+        )
+        return logits, state["batch_stats"]
+
+    if groups == 1:
+        return apply(images, dropout_rng)
+    b = images.shape[0]
+    if b % groups:
+        raise ValueError(f"a batch of {b} does not split into {groups} BatchNorm groups")
+    grouped = images.reshape(groups, b // groups, *images.shape[1:])
+    logits, batch_stats = jax.vmap(apply)(grouped, jax.random.split(dropout_rng, groups))
+    return logits.reshape(b, *logits.shape[2:]), jax.tree.map(lambda s: s.mean(0), batch_stats)
+
+
+def batch_norm_groups(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
+    """1 (statistics over the global batch) or, without `config.sync_batch_norm`, one group per
+    device of `mesh`."""
+    return 1 if config.sync_batch_norm else mesh.devices.size
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -181,26 +219,25 @@ def train_step(
     preprocess_fn: Callable[..., dict[str, jax.Array]],
     label_smoothing: float,
     ema_decay: float,
+    batch_norm_groups: int = 1,
 ) -> tuple[TrainState, TrainMetrics]:
     """One SGD step on the global batch (image: [b, S, S, 3], label: [b]).
 
     rngs: {'augment': key, 'dropout': key}; this step uses `fold_in(key, state.step)`.
+    batch_norm_groups: BatchNorm statistics over the whole batch (1) or per group of
+      b / groups consecutive examples (`apply_for_training`).
     """
     step_rngs = {name: jax.random.fold_in(key, state.step) for name, key in rngs.items()}
     batch = preprocess_fn(batch, step_rngs["augment"], train=True)
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
-        logits, new_model_state = state.apply_fn(
-            variables,
-            batch["image"],
-            train=True,
-            rngs={"dropout": step_rngs["dropout"]},
-            mutable=["batch_stats"],
+        logits, batch_stats = apply_for_training(
+            state.apply_fn, variables, batch["image"], step_rngs["dropout"], batch_norm_groups
         )
         targets = batch_targets(batch, logits.shape[-1])
         loss = cross_entropy_loss(logits, targets, label_smoothing)
-        return loss.mean(), (loss, logits, new_model_state["batch_stats"])
+        return loss.mean(), (loss, logits, batch_stats)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (mean_loss, (loss, logits, batch_stats)), grads = grad_fn(state.params)
@@ -360,6 +397,7 @@ def create_experiment(
         preprocess_fn=ds.device_preprocess,
         label_smoothing=config.label_smoothing,
         ema_decay=config.ema_decay,
+        batch_norm_groups=batch_norm_groups(config, mesh),
     )
     eval_step_fn = functools.partial(eval_step, preprocess_fn=ds.device_preprocess)
     return Experiment(

@@ -41,9 +41,11 @@ def test_scaling_runs_data_parallel_on_the_first_n_devices(capsys):
         ["--model", "resnet50", "--overrides", tiny, "--image-size", "32", "--batch-size", "4"]
         + ["--warmup", "1", "--windows", "1", "--steps", "1", "--num-classes", "10"]
         + ["--dtype", "float32", "--no-isolate", "--modes", "train", "--scaling", "1,2,16"]
+        + ["--config-overrides", '{"sync_batch_norm": false}']
     )
     out = capsys.readouterr().out
     one, two, too_many = _records_of(out)
+    assert two["config_overrides"] == {"sync_batch_norm": False}
     assert (one["num_devices"], one["batch_size"]) == (1, 4)
     assert (two["num_devices"], two["batch_size"]) == (2, 8)  # --batch-size is per device
     assert one["img_per_s"] > 0 and two["img_per_s"] > 0
@@ -124,6 +126,7 @@ def test_cost_table_halves_the_batch_until_it_fits_and_counts_gpu_hours(capsys):
     args = argparse.Namespace(
         batch_size=128, image_size=224, dtype="bfloat16", num_classes=1000, warmup=1,
         windows=1, steps=1, only="lambda_resnet420:320", profile_dir=None, no_fold_bn=False,
+        config_overrides="{}",
     )  # fmt: skip
     (record,) = benchmark.cost_table(args, fake_measure)
     assert calls == [128, 64, 32]
