@@ -428,7 +428,7 @@ def _log_experiment(config: ml_collections.ConfigDict, exp: Experiment) -> None:
     )
     logging.info(
         "Global batch %d = %d per device x %d devices (%d processes); %d steps/epoch, "
-        "%d train steps (%.2f epochs).",
+        "%d train steps (%.2f epochs); BatchNorm statistics over %s.",
         config.global_batch_size,
         config.global_batch_size // num_devices,
         num_devices,
@@ -436,6 +436,7 @@ def _log_experiment(config: ml_collections.ConfigDict, exp: Experiment) -> None:
         exp.steps_per_epoch,
         exp.num_train_steps,
         exp.num_train_steps / exp.steps_per_epoch,
+        "the global batch" if config.sync_batch_norm else "each device's examples",
     )
     logging.info(
         "Learning rate: peak %.4g = %g x %d / 256, linear warm-up over %d steps, cosine decay "
