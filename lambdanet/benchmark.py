@@ -147,8 +147,6 @@ def load_config(name: str):
 
 def measure_jax_model(spec: dict) -> dict:
     """lambdanet's train step (train.train_step) or inference on synthetic device inputs."""
-    import functools
-
     import jax
     import jax.numpy as jnp
 
@@ -189,14 +187,7 @@ def measure_jax_model(spec: dict) -> dict:
 
     if spec["mode"] == "train":
         step = jax.jit(
-            functools.partial(
-                train.train_step,
-                learning_rate_fn=lr_fn,
-                preprocess_fn=lambda b, rng, train: b,
-                label_smoothing=config.label_smoothing,
-                ema_decay=config.ema_decay,
-                batch_norm_groups=train.batch_norm_groups(config, mesh),
-            ),
+            train.configured_train_step(config, mesh, lr_fn, lambda b, rng, train: b),
             donate_argnums=0,
         )
         start = time.perf_counter()

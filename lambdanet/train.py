@@ -204,10 +204,25 @@ def apply_for_training(
     return logits.reshape(b, *logits.shape[2:]), jax.tree.map(lambda s: s.mean(0), batch_stats)
 
 
-def batch_norm_groups(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> int:
-    """1 (statistics over the global batch) or, without `config.sync_batch_norm`, one group per
-    device of `mesh`."""
-    return 1 if config.sync_batch_norm else mesh.devices.size
+def configured_train_step(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    learning_rate_fn: optax.Schedule,
+    preprocess_fn: Callable[..., dict[str, jax.Array]],
+) -> Callable[..., tuple[TrainState, TrainMetrics]]:
+    """`train_step` with the config's settings bound: (state, batch, rngs) -> (state, metrics).
+
+    BatchNorm statistics are over the global batch, or without `config.sync_batch_norm` over
+    one group per device of `mesh`.
+    """
+    return functools.partial(
+        train_step,
+        learning_rate_fn=learning_rate_fn,
+        preprocess_fn=preprocess_fn,
+        label_smoothing=config.label_smoothing,
+        ema_decay=config.ema_decay,
+        batch_norm_groups=1 if config.sync_batch_norm else mesh.devices.size,
+    )
 
 
 def train_step(
@@ -391,14 +406,7 @@ def create_experiment(
         num_train_steps = int(config.num_epochs * steps_per_epoch)
     learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, num_train_steps)
     replicated = sharding.replicated_sharding(mesh)
-    train_step_fn = functools.partial(
-        train_step,
-        learning_rate_fn=learning_rate_fn,
-        preprocess_fn=ds.device_preprocess,
-        label_smoothing=config.label_smoothing,
-        ema_decay=config.ema_decay,
-        batch_norm_groups=batch_norm_groups(config, mesh),
-    )
+    train_step_fn = configured_train_step(config, mesh, learning_rate_fn, ds.device_preprocess)
     eval_step_fn = functools.partial(eval_step, preprocess_fn=ds.device_preprocess)
     return Experiment(
         mesh=mesh,
