@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lambdanet.layers.lambda_layer import LambdaLayer
 from lambdanet.models import create_model, fold_batch_norm
 from lambdanet.models.fold import norm_name
 
@@ -28,6 +29,21 @@ def trained_looking_variables(model, x, seed=0):
         return (scale * rng.standard_normal(s.shape)).astype(s.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def lambda_layers(variables) -> list[dict]:
+    """The parameter scopes of every LambdaLayer in a model's variables."""
+    found = []
+
+    def visit(scope):
+        if "qkv" in scope:
+            found.append(scope)
+        for child in scope.values():
+            if isinstance(child, dict):
+                visit(child)
+
+    visit(variables["params"])
+    return found
 
 
 def count(tree) -> int:
@@ -54,13 +70,22 @@ def test_folded_logits_equal_the_unfolded(name, overrides):
     got = jax.jit(folded_model.apply)(folded, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
     # every conv here has a BatchNorm after it: each of its output channels loses γ, β, μ, σ²
-    # and gains a bias
+    # and gains a bias; so do the lambda layers' query and value columns, and their key columns
+    # gain a zero bias
     conv_biases = [
         leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path(folded["params"])
         if "conv" in jax.tree_util.keystr(path) and jax.tree_util.keystr(path).endswith("['bias']")
     ]
-    assert count(variables) - count(folded) == 3 * count(conv_biases) > 0
+    norms_qv = [(s["norm_q"]["scale"], s["norm_v"]["scale"]) for s in lambda_layers(variables)]
+    qkv_biases = [s["qkv"]["bias"] for s in lambda_layers(folded)]
+    assert len(qkv_biases) == len(norms_qv) == (name != "resnet50") * len(qkv_biases)
+    qv_channels = count(norms_qv)
+    key_channels = count(qkv_biases) - qv_channels
+    assert count(variables) - count(folded) == (
+        3 * (count(conv_biases) + qv_channels) - key_channels
+    )
+    assert not any("norm_q" in s for s in lambda_layers(folded))
     assert folded_model.batch_norm_folded and not model.batch_norm_folded
 
 
@@ -72,10 +97,10 @@ def test_fold_pairs_convs_with_their_batch_norms_only():
     conv_block, lambda_block = folded["params"]["c2_block1"], folded["params"]["c4_block1"]
     assert set(conv_block) == {"conv1", "conv2", "conv3", "downsample_conv"}
     assert all(set(conv_block[c]) == {"kernel", "bias"} for c in conv_block)
-    # the BatchNorm after a lambda layer and the lambda layer's own stay BatchNorms
+    # the BatchNorm after a lambda layer stays; the lambda layer's own fold into its qkv
     assert {"bn2", "lambda_layer"} <= set(lambda_block) and "bn1" not in lambda_block
-    assert set(folded["batch_stats"]["c4_block1"]) == {"bn2", "lambda_layer"}
-    assert set(folded["batch_stats"]["c4_block1"]["lambda_layer"]) == {"norm_q", "norm_v"}
+    assert set(folded["batch_stats"]["c4_block1"]) == {"bn2"}
+    assert set(lambda_block["lambda_layer"]["qkv"]) == {"kernel", "bias"}
     assert "c2_block1" not in folded["batch_stats"]
 
 
@@ -101,6 +126,11 @@ def test_folded_models_refuse_training_and_initialisation():
         folded_model.apply(folded, x, train=True)
     with pytest.raises(ValueError, match="fold_batch_norm"):
         folded_model.init(jax.random.key(0), x)
+    layer = LambdaLayer(scope_size=3, batch_norm_folded=True)
+    y = jnp.zeros((1, 4, 4, 8))
+    layer_variables = layer.init(jax.random.key(0), y)
+    with pytest.raises(ValueError, match="for inference"):
+        layer.apply(layer_variables, y, train=True)
 
 
 def test_missing_batch_stats_is_named():

@@ -232,8 +232,8 @@ class LambdaLayer(nn.Module):
     with its own lambda, and |v| = d_out / |h| per head (|u| must be 1).
 
     Parameters (names are stable: checkpoints and weight converters depend on them):
-      ``qkv``  1x1 projection without bias, kernel [d, |h||k| + |k||u| + |v||u|]
-               (columns: queries (h, k), keys (u, k), values (u, v));
+      ``qkv``  1x1 projection without bias (biased when BatchNorm is folded into it), kernel
+               [d, |h||k| + |k||u| + |v||u|] (columns: queries (h, k), keys (u, k), values (u, v));
       ``norm_q``, ``norm_v``  BatchNorm over the |h||k| query and |v||u| value channels;
       ``rel_embeddings``  relative table R, see `position_embedding_shape` (absent when the
                caller passes shared ``embeddings``);
@@ -266,6 +266,9 @@ class LambdaLayer(nn.Module):
       embedding_init_std: std of the normal init of the relative embeddings E (E.1: 1 [R]).
       block_size: side T of the query tiles of ``impl="blocked"``, which runs the plain einsum
         where a tile's window would hold at least n positions (small inputs).
+      batch_norm_folded: the variables come from `lambdanet.models.fold_batch_norm` (inference
+        only): ``norm_q`` and ``norm_v`` are folded into the columns of ``qkv`` (which then has
+        a bias when ``norm_qv``), and the layer runs no BatchNorm.
       dtype: compute dtype (e.g. bfloat16); key normalisation and BatchNorm statistics stay
         in float32.
       param_dtype: parameter dtype.
@@ -288,6 +291,7 @@ class LambdaLayer(nn.Module):
     position_contraction: str = "auto"
     embedding_init_std: float = 1.0
     block_size: int = 8
+    batch_norm_folded: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     bn_momentum: float = 0.9
@@ -374,6 +378,11 @@ class LambdaLayer(nn.Module):
         """
         d_out = self.dim_out or x.shape[-1]
         self._check_config(x, d_out)
+        if train and self.batch_norm_folded:
+            raise ValueError(
+                "a LambdaLayer with batch_norm_folded=True is for inference (train=False); train "
+                "the unfolded layer and fold it with lambdanet.models.fold_batch_norm"
+            )
         b, spatial, d_in = x.shape[0], tuple(x.shape[1:-1]), x.shape[-1]
         n = math.prod(spatial)
         k, h, u = self.dim_k, self.heads, self.dim_u
@@ -392,14 +401,14 @@ class LambdaLayer(nn.Module):
         num_q, num_k, num_v = h * k, g * u * k, g * u * v
         qkv = nn.Dense(
             num_q + num_k + num_v,
-            use_bias=False,
+            use_bias=self.batch_norm_folded and self.norm_qv,
             kernel_init=_qkv_init(d_in, num_q, k),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="qkv",
         )(x)
         queries, keys, values = jnp.split(qkv, [num_q, num_q + num_k], axis=-1)
-        if self.norm_qv:
+        if self.norm_qv and not self.batch_norm_folded:
             queries = self._batch_norm(queries, train, "norm_q")
             values = self._batch_norm(values, train, "norm_v")
         queries = queries.reshape(b, n, g, h // g, k)  # [b, n, g, j, |k|], j queries per group

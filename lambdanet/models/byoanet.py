@@ -234,6 +234,7 @@ class ByoaResNet(nn.Module):
             impl=self.impl,
             bn_momentum=self.bn_momentum,
             bn_epsilon=self.bn_epsilon,
+            batch_norm_folded=self.batch_norm_folded,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )

@@ -9,8 +9,9 @@ remains is what XLA can fuse into the convolution.
 Pairs are found by name: the BatchNorm that follows a conv named ``...conv...`` is the sibling
 whose name has ``bn`` in place of ``conv`` (``conv1``/``bn1``, ``stem_conv1``/``stem_bn1``,
 ``downsample_conv``/``downsample_bn``), the convention of `ResNet` and `ByoaResNet`. BatchNorms
-with no such conv before them (after a lambda layer, inside `LambdaLayer`) keep their
-variables and run as inference BatchNorm.
+with no such conv before them (after a lambda layer) keep their variables and run as inference
+BatchNorm. Inside a `LambdaLayer` the BatchNorms on queries and values (``norm_q``, ``norm_v``)
+fold into the query and value columns of its ``qkv`` projection the same way.
 
     folded_model, folded_variables = fold_batch_norm(model, variables)
     logits = folded_model.apply(folded_variables, images)  # == model.apply(variables, images)
@@ -78,18 +79,16 @@ def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any]) -> tuple[nn.
 
 def _fold_scope(params: Mapping, stats: Mapping, epsilon: float) -> tuple[dict, dict]:
     params, stats = dict(params), dict(stats)
+    if _is_lambda_layer(params):
+        return _fold_lambda_layer(params, stats, epsilon)
     convs = [n for n, s in params.items() if "conv" in n and _is_conv(s)]
     for name in convs:
         bn = norm_name(name)
         if bn in params:
-            if bn not in stats:
-                raise ValueError(
-                    f"BatchNorm {bn!r} has no batch_stats: pass the model's batch_stats"
-                )
-            params[name] = _fold_pair(params[name], params.pop(bn), stats.pop(bn), epsilon)
-        elif "bias" not in params[name]:
-            kernel = params[name]["kernel"]
-            params[name] = {**params[name], "bias": jnp.zeros(kernel.shape[-1:], kernel.dtype)}
+            scale, shift = _affine(params.pop(bn), _stats(stats, bn), epsilon)
+            params[name] = _scale_columns(params[name], scale, shift)
+        else:
+            params[name] = _with_bias(params[name])
     for name, scope in params.items():
         if name not in convs and isinstance(scope, Mapping):
             params[name], stats[name] = _fold_scope(scope, stats.get(name, {}), epsilon)
@@ -102,17 +101,55 @@ def _is_conv(scope: Any) -> bool:
     return isinstance(scope, Mapping) and getattr(scope.get("kernel"), "ndim", 0) == 4
 
 
-def _fold_pair(conv: Mapping, bn: Mapping, stats: Mapping, epsilon: float) -> dict:
-    kernel = conv["kernel"]
+def _is_lambda_layer(params: Mapping) -> bool:
+    """A `LambdaLayer` scope with BatchNorms on queries and values (``norm_qv=True``)."""
+    return {"qkv", "norm_q", "norm_v"} <= set(params)
+
+
+def _fold_lambda_layer(params: dict, stats: dict, epsilon: float) -> tuple[dict, dict]:
+    """``norm_q`` and ``norm_v`` into the query and value columns of ``qkv`` (keys unscaled).
+
+    The columns of ``qkv`` are queries, keys, values in that order (`LambdaLayer`).
+    """
+    scale_q, shift_q = _affine(params.pop("norm_q"), _stats(stats, "norm_q"), epsilon)
+    scale_v, shift_v = _affine(params.pop("norm_v"), _stats(stats, "norm_v"), epsilon)
+    num_k = params["qkv"]["kernel"].shape[-1] - scale_q.size - scale_v.size
+    ones, zeros = jnp.ones((num_k,), jnp.float32), jnp.zeros((num_k,), jnp.float32)
+    params["qkv"] = _scale_columns(
+        params["qkv"],
+        jnp.concatenate([scale_q, ones, scale_v]),
+        jnp.concatenate([shift_q, zeros, shift_v]),
+    )
+    return params, stats
+
+
+def _stats(stats: dict, name: str) -> Mapping:
+    if name not in stats:
+        raise ValueError(f"BatchNorm {name!r} has no batch_stats: pass the model's batch_stats")
+    return stats.pop(name)
+
+
+def _affine(bn: Mapping, stats: Mapping, epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """Inference BatchNorm as y = scale·x + shift (float32 vectors over the channels)."""
     f32 = jnp.float32
     scale = bn.get("scale", jnp.ones_like(stats["var"])).astype(f32) * jax.lax.rsqrt(
         stats["var"].astype(f32) + epsilon
     )
-    bias = conv.get("bias", jnp.zeros_like(scale))
-    folded_bias = bn.get("bias", jnp.zeros_like(scale)).astype(f32) + scale * (
-        bias.astype(f32) - stats["mean"].astype(f32)
-    )
+    shift = bn.get("bias", jnp.zeros_like(scale)).astype(f32) - scale * stats["mean"].astype(f32)
+    return scale, shift
+
+
+def _with_bias(layer: Mapping) -> dict:
+    """A conv or Dense with a zero bias added if it has none."""
+    kernel = layer["kernel"]
+    return {"bias": jnp.zeros(kernel.shape[-1:], kernel.dtype), **layer}
+
+
+def _scale_columns(layer: Mapping, scale: jax.Array, shift: jax.Array) -> dict:
+    """The layer followed by y = scale·x + shift: kernel·scale, bias·scale + shift."""
+    kernel = layer["kernel"]
+    bias = layer.get("bias", jnp.zeros_like(scale)).astype(jnp.float32)
     return {
-        "kernel": (kernel.astype(f32) * scale).astype(kernel.dtype),
-        "bias": folded_bias.astype(kernel.dtype),
+        "kernel": (kernel.astype(jnp.float32) * scale).astype(kernel.dtype),
+        "bias": (scale * bias + shift).astype(kernel.dtype),
     }

@@ -297,6 +297,7 @@ class ResNet(nn.Module):
                 embedding_init_std=self.embedding_init_std,
                 bn_momentum=self.bn_momentum,
                 bn_epsilon=self.bn_epsilon,
+                batch_norm_folded=self.batch_norm_folded,
                 **dtypes,
             )
         extra = dict(window=self.attention_window) if block_type == "S" else {}
