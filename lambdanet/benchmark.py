@@ -54,6 +54,7 @@ LAYER_VARIANTS = {
     "einsum_lambdas": dict(impl="einsum", position_contraction="lambdas"),
     "einsum_scores": dict(impl="einsum", position_contraction="scores"),
     "conv": dict(impl="conv"),
+    "rows": dict(impl="rows"),
     "blocked": dict(impl="blocked"),
     "timm": None,
 }
@@ -495,8 +496,8 @@ def build_specs(args) -> list[dict]:
         return [
             dict(kind="layer", shape=shape, impl=impl, scope=args.scope, batch_size=args.batch_size)
             | dict(warmup=args.warmup, windows=args.windows, steps=args.steps)
-            for shape in LAYER_SHAPES
-            for impl in LAYER_VARIANTS
+            for shape in args.layer_shapes
+            for impl in _selected(list(LAYER_VARIANTS), args.only)
         ]
     if args.input_pipeline:
         overrides = json.loads(args.config_overrides)
@@ -649,6 +650,20 @@ def _fmt(value, digits=0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _layer_shapes(text: str) -> tuple[tuple[int, int, int], ...]:
+    """``"56x56x64,28x28x128"`` -> ((56, 56, 64), (28, 28, 128)) for ``--layer-shapes``."""
+    try:
+        shapes = tuple(tuple(int(side) for side in item.split("x")) for item in text.split(","))
+    except ValueError:
+        shapes = ()
+    if not shapes or any(len(shape) != 3 or min(shape) <= 0 for shape in shapes):
+        raise argparse.ArgumentTypeError(
+            f"--layer-shapes takes a comma list of positive HxWxD, e.g. 56x56x64,28x28x128; "
+            f"got {text!r}"
+        )
+    return shapes
+
+
 def _selected(rows, only: str | None):
     """The rows (names, or tuples starting with a name) named in the comma list ``only``."""
     if not only:
@@ -716,6 +731,13 @@ def main(argv=None):
         "--layer", action="store_true", help="time one lambda layer (ours and timm's) instead"
     )
     parser.add_argument("--scope", type=int, default=9, help="lambda layer scope r (--layer)")
+    parser.add_argument(
+        "--layer-shapes",
+        type=_layer_shapes,
+        default=LAYER_SHAPES,
+        help="comma list of HxWxD input shapes (--layer; default: lambda_resnet50ts's "
+        "28x28x128,14x14x256,7x7x512)",
+    )
     parser.add_argument("--table4", action="store_true", help="the paper's Table 4 (inference)")
     parser.add_argument("--cost-table", action="store_true", help="GPU-hours of paper configs")
     parser.add_argument(
@@ -746,7 +768,9 @@ def main(argv=None):
         help="comma list of device counts (e.g. 1,2,4,8): data parallel on the first N devices, "
         "--batch-size per device, with a table of scaling efficiency",
     )
-    parser.add_argument("--only", help="comma list of Table 4 models or cost-table configs")
+    parser.add_argument(
+        "--only", help="comma list of Table 4 models, cost-table configs or --layer variants"
+    )
     parser.add_argument(
         "--profile-dir", help="also write a JAX profiler trace of --steps steps of our models"
     )

@@ -108,6 +108,23 @@ def test_layer_benchmark_runs_on_cpu(monkeypatch):
     assert record["ms"] > 0
 
 
+def test_layer_specs_follow_shapes_and_only(monkeypatch, capsys):
+    build_specs, built = benchmark.build_specs, []
+    monkeypatch.setattr(
+        benchmark, "build_specs", lambda args: built.extend(build_specs(args)) or []
+    )
+    benchmark.main(["--layer", "--layer-shapes", "8x8x32,4x4x64", "--only", "rows,einsum"])
+    assert [(s["shape"], s["impl"]) for s in built] == [
+        ((8, 8, 32), "einsum"),
+        ((8, 8, 32), "rows"),
+        ((4, 4, 64), "einsum"),
+        ((4, 4, 64), "rows"),
+    ]
+    with pytest.raises(SystemExit):
+        benchmark.main(["--layer", "--layer-shapes", "8x8"])
+    assert "--layer-shapes takes a comma list of positive HxWxD" in capsys.readouterr().err
+
+
 def test_a_failure_is_reported_not_raised():
     spec = dict(kind="model", mode="train", model="no_such_model", image_size=32, batch_size=2)
     record = benchmark.run_measurement(spec | dict(dtype="float32", num_classes=10))

@@ -137,9 +137,11 @@ def _naive_mu(variables, x, layer):
     return e / e.sum(axis=(1, 2), keepdims=True)
 
 
-@pytest.mark.parametrize("impl", ["einsum", "conv"])
+@pytest.mark.parametrize("impl", ["einsum", "conv", "rows"])
 @pytest.mark.parametrize("spatial,d,kwargs", CASES)
 def test_matches_naive_reference(spatial, d, kwargs, impl):
+    if impl == "rows" and len(spatial) != 2:
+        pytest.skip("impl='rows' is for images")
     layer = LambdaLayer(impl=impl, **kwargs)
     x = _x((2, *spatial, d))
     variables = _init(layer, x)
@@ -202,13 +204,14 @@ def test_causal_masking(impl, spatial):
 
 
 @pytest.mark.parametrize("kwargs", [dict(scope_size=7), dict(scope_size=None), dict(dim_u=4)])
-def test_einsum_and_conv_agree_non_square(kwargs):
+def test_einsum_conv_and_rows_agree_non_square(kwargs):
     x = _x((2, 7, 10, 64))
-    layers = [LambdaLayer(impl=impl, **kwargs) for impl in ("einsum", "conv")]
+    layers = [LambdaLayer(impl=impl, **kwargs) for impl in ("einsum", "conv", "rows")]
     variables = _init(layers[0], x)
-    a, c = (np.asarray(layer.apply(variables, x)) for layer in layers)
+    a, *others = (np.asarray(layer.apply(variables, x)) for layer in layers)
     assert a.shape == (2, 7, 10, 64)
-    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+    for other in others:
+        np.testing.assert_allclose(other, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
 
 
 BLOCKED_CASES = [
@@ -233,10 +236,11 @@ def test_blocked_matches_naive_reference(spatial, d, kwargs):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
 
 
-def test_blocked_gradients_equal_the_einsum_gradients():
+@pytest.mark.parametrize("impl", ["blocked", "rows"])
+def test_gradients_equal_the_einsum_gradients(impl):
     x = _x((2, 9, 10, 32))
-    blocked = LambdaLayer(impl="blocked", scope_size=5, block_size=4)
-    assert blocked._resolve_impl(90, masked=False) == "blocked"
+    blocked = LambdaLayer(impl=impl, scope_size=5, block_size=4)
+    assert blocked._resolve_impl(90, masked=False) == impl
     einsum = LambdaLayer(impl="einsum", scope_size=5)
     variables = _init(blocked, x)
 
@@ -273,6 +277,16 @@ def test_blocked_rejects_what_it_cannot_tile():
         layer.apply(variables, x, mask=np.ones((9, 9), bool))
     with pytest.raises(ValueError, match="block_size must be positive"):
         _init(LambdaLayer(impl="blocked", scope_size=3, block_size=0), x)
+
+
+def test_rows_rejects_sequences_and_masks():
+    for kwargs, shape in [(dict(), (1, 16, 32)), (dict(causal=True), (1, 4, 4, 32))]:
+        with pytest.raises(ValueError, match="impl='rows' convolves the rows of images"):
+            _init(LambdaLayer(impl="rows", scope_size=3, **kwargs), jnp.zeros(shape))
+    layer = LambdaLayer(impl="rows", scope_size=3)
+    x = _x((1, 3, 3, 32))
+    with pytest.raises(ValueError, match="impl='rows' takes no mask"):
+        layer.apply(_init(layer, x), x, mask=np.ones((9, 9), bool))
 
 
 def test_auto_impl_follows_the_paper_rule():

@@ -21,6 +21,10 @@ What is covered:
       ``conv``   - the lambda convolution of Appendix B.1: the values are the batch of a convolution
                    with one (|u|) input channel and |k| output channels, kernel [r, r, |u|, |k|];
                    memory linear in n;
+      ``rows``   - the position lambdas as one 1-D convolution along the image rows, with the
+                   W·|u| context columns as input channels and the W·|k| query columns as output
+                   channels (kernel [r, W·|u|, W·|k|], the gathered E of one row offset each):
+                   r·W instead of n context positions a query, in dense matrix-unit shapes;
       ``blocked`` - the einsum tile by tile (images with a local scope, no mask): queries in
                    T x T tiles (``block_size``) see only their (T + r - 1)² window of values, one
                    E [T², (T + r - 1)², |k|, |u|] shared by all tiles, instead of all m positions.
@@ -48,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("einsum", "conv", "blocked", "auto")
+IMPLS = ("einsum", "conv", "rows", "blocked", "auto")
 KEY_NORMS = ("softmax", "l2", "none")
 KEY_SOFTMAX_AXES = ("m", "mu")
 CONTRACTIONS = ("auto", "lambdas", "scores")
@@ -219,6 +223,35 @@ def _lambda_conv(values: jax.Array, table: jax.Array, spatial_shape: Sequence[in
     return out.reshape(b, g, v, math.prod(spatial_shape), out.shape[-1])
 
 
+def _lambda_row_conv(values: jax.Array, table: jax.Array, spatial_shape: Sequence[int]):
+    """Position lambdas by a 1-D convolution along the rows of an image (``impl="rows"``).
+
+    values: [b, H, W, g, |u|, |v|]; table: [r_H, r_W, |k|, |u|].
+    Each value channel is one sequence of H rows of a batch of b·g·|v|, with the W·|u| entries of
+    a row as channels. The kernel tap of row offset t maps them to the W·|k| query columns
+    through E restricted to that offset: kernel[t, (c, u), (j, k)] = R[t, c - j + r_W // 2, k, u]
+    (zero outside the table), so output row i sums R[m - n] v_m over the context rows
+    i - r_H // 2 ... i + r_H // 2. Returns position lambdas [b, g, |v|, n, |k|].
+    """
+    if len(spatial_shape) != 2:
+        raise ValueError(f"impl='rows' needs images, got spatial shape {spatial_shape}")
+    height, width = spatial_shape
+    rows, cols = table.shape[:2]
+    half = rows // 2
+    table = table[max(half - (height - 1), 0) : half + min(height, half + 1)]  # reachable rows
+    one_hot = jnp.asarray(_offset_one_hot(width, cols), table.dtype)  # [W (j), W (c), r_W]
+    kernel = jnp.einsum("jcs,tsku->tcujk", one_hot, table)
+    k, u = table.shape[-2:]
+    kernel = kernel.reshape(table.shape[0], width * u, width * k)
+    b, g, v = values.shape[0], values.shape[3], values.shape[5]
+    x = jnp.transpose(values, (0, 3, 5, 1, 2, 4)).reshape(b * g * v, height, width * u)
+    pad = table.shape[0] // 2
+    out = jax.lax.conv_general_dilated(
+        x, kernel, (1,), [(pad, pad)], dimension_numbers=("NHC", "HIO", "NHC")
+    )
+    return out.reshape(b, g, v, height * width, k)
+
+
 class LambdaLayer(nn.Module):
     """Multi-query lambda layer (Bello 2021, §3) on images or sequences.
 
@@ -245,8 +278,9 @@ class LambdaLayer(nn.Module):
       heads: |h|, number of queries (paper default 4).
       dim_u: |u|, intra-depth (paper default 1).
       scope_size: odd side r of the local position context, or None for a global scope.
-      impl: "einsum", "conv" (lambda convolution), "blocked" (tiled einsum; images with a local
-        scope and no mask) or "auto" (the paper's rule: einsum or conv).
+      impl: "einsum", "conv" (lambda convolution), "rows" (row convolution; images, no mask),
+        "blocked" (tiled einsum; images with a local scope and no mask) or "auto" (the
+        paper's rule: einsum or conv).
       multi_head: the multi-head variant of Appendix B.3 instead of multi-query.
       key_norm: "softmax" (over m), "l2" (over m) or "none".
       key_softmax_axes: "m" or "mu": the axes the key softmax runs over when |u| > 1 [R].
@@ -335,6 +369,11 @@ class LambdaLayer(nn.Module):
                 "impl='blocked' tiles images [b, H, W, d] with a local scope and no causal mask; "
                 "use impl='einsum' (or 'conv') for sequences, a global scope or masks"
             )
+        if self.impl == "rows" and (x.ndim != 4 or self.causal):
+            raise ValueError(
+                "impl='rows' convolves the rows of images [b, H, W, d] and takes no mask; use "
+                "impl='einsum' (or 'conv') for sequences or masks"
+            )
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
 
@@ -395,8 +434,10 @@ class LambdaLayer(nn.Module):
                 "impl='conv' supports causal masks only (the mask must be translation "
                 "invariant); use impl='einsum' for an arbitrary context mask"
             )
-        if self.impl == "blocked" and mask is not None:
-            raise ValueError("impl='blocked' takes no mask; use impl='einsum' for masked contexts")
+        if self.impl in ("blocked", "rows") and mask is not None:
+            raise ValueError(
+                f"impl={self.impl!r} takes no mask; use impl='einsum' for masked contexts"
+            )
 
         num_q, num_k, num_v = h * k, g * u * k, g * u * v
         qkv = nn.Dense(
@@ -420,11 +461,12 @@ class LambdaLayer(nn.Module):
             out = out + self._content_output(queries, keys, values, mask)
         if self.position:
             table = self._position_table(embeddings, spatial)
-            if impl == "conv":
+            if impl in ("conv", "rows"):
                 if mask is not None:  # causal: drop the offsets m - n > 0 from the kernel
                     keep = _causal_offsets(table.shape[: len(spatial)])
                     table = table * jnp.asarray(keep, table.dtype)[..., None, None]
-                lambdas = _lambda_conv(values.reshape(b, *spatial, g, u, v), table, spatial)
+                position_lambdas = _lambda_conv if impl == "conv" else _lambda_row_conv
+                lambdas = position_lambdas(values.reshape(b, *spatial, g, u, v), table, spatial)
                 out = out + jnp.einsum("bngjk,bgvnk->bngjv", queries, lambdas)
             elif impl == "blocked":
                 out = out + self._position_output_blocked(queries, values, table, spatial)
