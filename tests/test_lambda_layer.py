@@ -228,7 +228,7 @@ BLOCKED_CASES = [
 @pytest.mark.parametrize("spatial,d,kwargs", BLOCKED_CASES)
 def test_blocked_matches_naive_reference(spatial, d, kwargs):
     layer = LambdaLayer(impl="blocked", **kwargs)
-    assert layer._resolve_impl(math.prod(spatial), masked=False) == "blocked"
+    assert layer._resolve_impl(spatial, masked=False) == "blocked"
     x = _x((2, *spatial, d))
     variables = _init(layer, x)
     got = np.asarray(layer.apply(variables, x))
@@ -240,7 +240,7 @@ def test_blocked_matches_naive_reference(spatial, d, kwargs):
 def test_gradients_equal_the_einsum_gradients(impl):
     x = _x((2, 9, 10, 32))
     blocked = LambdaLayer(impl=impl, scope_size=5, block_size=4)
-    assert blocked._resolve_impl(90, masked=False) == impl
+    assert blocked._resolve_impl((9, 10), masked=False) == impl
     einsum = LambdaLayer(impl="einsum", scope_size=5)
     variables = _init(blocked, x)
 
@@ -257,9 +257,9 @@ def test_gradients_equal_the_einsum_gradients(impl):
 
 def test_blocked_runs_the_plain_einsum_where_a_window_covers_the_input():
     layer = LambdaLayer(impl="blocked", scope_size=23, block_size=8)  # windows of 30 x 30
-    assert layer._resolve_impl(56 * 56, masked=False) == "blocked"
-    assert layer._resolve_impl(30 * 30, masked=False) == "einsum"
-    assert layer._resolve_impl(7 * 7, masked=False) == "einsum"
+    assert layer._resolve_impl((56, 56), masked=False) == "blocked"
+    assert layer._resolve_impl((30, 30), masked=False) == "einsum"
+    assert layer._resolve_impl((7, 7), masked=False) == "einsum"
 
 
 def test_blocked_rejects_what_it_cannot_tile():
@@ -297,9 +297,19 @@ def test_auto_impl_follows_the_paper_rule():
         np.testing.assert_allclose(
             auto.apply(variables, x), einsum.apply(variables, x), rtol=1e-4, atol=1e-4
         )
-    assert LambdaLayer(impl="auto")._resolve_impl(86**2, masked=False) == "conv"
-    assert LambdaLayer(impl="auto")._resolve_impl(85**2, masked=False) == "einsum"
-    assert LambdaLayer(impl="auto", dim_u=4)._resolve_impl(16, masked=False) == "conv"
+    auto = LambdaLayer(impl="auto")  # r = 23
+    assert auto._resolve_impl((86, 86), masked=False) == "conv"
+    assert auto._resolve_impl((86 * 86,), masked=False) == "conv"
+    assert auto._resolve_impl((85 * 85,), masked=False) == "einsum"
+    assert LambdaLayer(impl="auto", dim_u=4)._resolve_impl((4, 4), masked=False) == "conv"
+    # the row convolution for large images with a scope of at most half the rows
+    assert auto._resolve_impl((56, 56), masked=False) == "rows"
+    assert auto._resolve_impl((85, 85), masked=False) == "rows"
+    assert auto._resolve_impl((56, 56), masked=True) == "einsum"
+    assert auto._resolve_impl((28, 28), masked=False) == "einsum"
+    assert auto._resolve_impl((45, 64), masked=False) == "einsum"  # 2r > H
+    assert LambdaLayer(impl="auto", scope_size=None)._resolve_impl((56, 56), False) == "einsum"
+    assert LambdaLayer(impl="auto", scope_size=9)._resolve_impl((28, 28), False) == "einsum"
 
 
 @pytest.mark.parametrize("impl", ["einsum", "conv"])
