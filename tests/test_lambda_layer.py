@@ -289,10 +289,10 @@ def test_rows_rejects_sequences_and_masks():
         layer.apply(_init(layer, x), x, mask=np.ones((9, 9), bool))
 
 
-def test_auto_contraction_forms_scores_only_when_they_are_much_smaller():
+def test_auto_contraction_forms_the_smaller_intermediate():
     layer = LambdaLayer()  # |h| = 4, |k| = 16, |u| = 1: q·E is 4m per position, λ^p is 16|v|
-    assert not layer._use_scores(1, 4, 16, 28 * 28, 1, 32)  # 28x28x128: 6x larger
-    assert not layer._use_scores(1, 4, 16, 14 * 14, 1, 64)  # 14x14x256: 0.77x
+    assert not layer._use_scores(1, 4, 16, 28 * 28, 1, 32)  # 28x28x128: q·E 6x larger
+    assert layer._use_scores(1, 4, 16, 14 * 14, 1, 64)  # 14x14x256: 0.77x
     assert layer._use_scores(1, 4, 16, 7 * 7, 1, 128)  # 7x7x512: 0.1x
     assert LambdaLayer(position_contraction="scores")._use_scores(1, 4, 16, 28 * 28, 1, 32)
 

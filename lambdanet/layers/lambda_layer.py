@@ -312,12 +312,12 @@ class LambdaLayer(nn.Module):
         weights converted from timm).
       position_contraction: order of the einsum position term: "lambdas" forms the position
         lambdas λ^p [b, n, |k|, |v|] then applies the queries (Figure 3); "scores" forms
-        q·E [b, n, |h|, m, |u|] then contracts with the values; "auto" takes "scores" only where
-        its intermediate is under a quarter of λ^p's (memory traffic, not FLOPs, bounds both on
-        a GPU; on an H100, batch 128, |h|=4, |k|=16, forward+backward of the layer: "lambdas"
-        0.84 ms and "scores" 2.68 ms at 28x28x128, 0.37 and 0.47 ms at 14x14x256, where the
-        scores are 0.77x the size of λ^p, 0.21 and 0.17 ms at 7x7x512, where they are 0.1x).
-        Same result either way.
+        q·E [b, n, |h|, m, |u|] then contracts with the values; "auto" takes the order with the
+        smaller intermediate (memory traffic, not FLOPs, bounds both on a GPU; on an H100,
+        batch 128, |h|=4, |k|=16, forward+backward of the layer: "lambdas" 0.84 ms and
+        "scores" 2.68 ms at 28x28x128; at 14x14x256, where q·E is 0.77x the size of λ^p,
+        0.37 and 0.47 ms, but the hybrid ResNet-50's inference, whose 14x14x256 layers dominate,
+        ran 4% slower with "lambdas" there; 0.21 and 0.17 ms at 7x7x512). Same result either way.
       embedding_init_std: std of the normal init of the relative embeddings E (E.1: 1 [R]).
       block_size: side T of the query tiles of ``impl="blocked"``, which runs the plain einsum
         where a tile's window would hold at least n positions (small inputs).
@@ -554,7 +554,7 @@ class LambdaLayer(nn.Module):
         """Whether to contract q·E first: compares the intermediates per (b, n)."""
         if self.position_contraction != "auto":
             return self.position_contraction == "scores"
-        return 4 * g * j * m * u < g * k * v  # q·E [g, j, m, |u|] vs λ^p [g, |k|, |v|]
+        return g * j * m * u < g * k * v  # q·E [g, j, m, |u|] vs λ^p [g, |k|, |v|]
 
     def _position_output_blocked(self, queries, values, table, spatial) -> jax.Array:
         """The einsum position term tile by tile: [b, n, g, j, |v|], as `_position_output_einsum`.
