@@ -210,6 +210,15 @@ def _apply_lambdas(queries: jax.Array, lambdas: jax.Array) -> jax.Array:
     return jnp.sum(product, axis=-2).astype(queries.dtype)
 
 
+def _reachable_offsets(side: int, size: int) -> slice:
+    """The entries of a table axis of ``side`` offsets that an input of ``size`` can reach.
+
+    A scope wider than the input only adds zeros: offsets beyond ±(size - 1) are cropped.
+    """
+    centre = side // 2
+    return slice(max(centre - (size - 1), 0), centre + min(size, centre + 1))
+
+
 def _lambda_conv(values: jax.Array, table: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
     """Position lambdas by the lambda convolution (Appendix B.1), linear in memory in n.
 
@@ -219,9 +228,8 @@ def _lambda_conv(values: jax.Array, table: jax.Array, spatial_shape: Sequence[in
     R[m - n] v_m). Returns position lambdas [b, g, |v|, n, |k|].
     """
     ndim = len(spatial_shape)
-    # A scope wider than the input only adds zeros: crop the kernel to the reachable offsets.
     crop = tuple(
-        slice(max(side // 2 - (s - 1), 0), side // 2 + min(s, side // 2 + 1))
+        _reachable_offsets(side, s)
         for side, s in zip(table.shape[:ndim], spatial_shape, strict=True)
     )
     kernel = jnp.swapaxes(table[crop], -1, -2)  # [*sides', |u|, |k|]
@@ -255,10 +263,8 @@ def _lambda_row_conv(values: jax.Array, table: jax.Array, spatial_shape: Sequenc
     if len(spatial_shape) != 2:
         raise ValueError(f"impl='rows' needs images, got spatial shape {spatial_shape}")
     height, width = spatial_shape
-    rows, cols = table.shape[:2]
-    half = rows // 2
-    table = table[max(half - (height - 1), 0) : half + min(height, half + 1)]  # reachable rows
-    one_hot = jnp.asarray(_offset_one_hot(width, cols), table.dtype)  # [W (j), W (c), r_W]
+    table = table[_reachable_offsets(table.shape[0], height)]
+    one_hot = jnp.asarray(_offset_one_hot(width, table.shape[1]), table.dtype)  # [W, W, r_W]
     kernel = jnp.einsum("jcs,tsku->tcujk", one_hot, table)
     k, u = table.shape[-2:]
     kernel = kernel.reshape(table.shape[0], width * u, width * k)
