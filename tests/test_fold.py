@@ -79,7 +79,7 @@ def test_folded_logits_equal_the_unfolded(name, overrides):
     ]
     norms_qv = [(s["norm_q"]["scale"], s["norm_v"]["scale"]) for s in lambda_layers(variables)]
     qkv_biases = [s["qkv"]["bias"] for s in lambda_layers(folded)]
-    assert len(qkv_biases) == len(norms_qv) == (name != "resnet50") * len(qkv_biases)
+    assert len(qkv_biases) == len(norms_qv) and bool(norms_qv) == (name != "resnet50")
     qv_channels = count(norms_qv)
     key_channels = count(qkv_biases) - qv_channels
     assert count(variables) - count(folded) == (
