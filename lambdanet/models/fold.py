@@ -69,7 +69,8 @@ def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any]) -> tuple[nn.
     ``batch_norm_folded`` attributes); the returned model is its clone with
     ``batch_norm_folded=True`` and the returned variables hold every conv with a bias (zeros
     where no BatchNorm followed it) and only the BatchNorms that could not be folded.
-    Raises ValueError if a conv's BatchNorm has no running statistics.
+    Raises ValueError if a BatchNorm to fold (after a conv, or a lambda layer's ``norm_q`` /
+    ``norm_v``) has no running statistics.
     """
     params, stats = _fold_scope(
         dict(variables["params"]), dict(variables.get("batch_stats", {})), model.bn_epsilon
@@ -140,7 +141,7 @@ def _affine(bn: Mapping, stats: Mapping, epsilon: float) -> tuple[jax.Array, jax
 
 
 def _with_bias(layer: Mapping) -> dict:
-    """A conv or Dense with a zero bias added if it has none."""
+    """A conv with a zero bias added if it has none."""
     kernel = layer["kernel"]
     return {"bias": jnp.zeros(kernel.shape[-1:], kernel.dtype), **layer}
 
