@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from lambdanet.layers.lambda_layer import LambdaLayer
 from lambdanet.layers.pooling import max_pool_3x3
+from lambdanet.layers.space_to_depth import stem_conv
 from lambdanet.models.fold import FoldedBatchNorm, check_not_training_folded
 from lambdanet.models.placement import parse_placement, stage_names
 
@@ -114,6 +115,8 @@ class ByoaResNet(nn.Module):
       stem_widths: output channels of the three stem convs.
       max_pool_grad: gradient of the stem max-pool, "views" (scatter-free, faster on the H100) or
         "scatter" (XLA's select_and_scatter); the same values (`lambdanet.layers.pooling`).
+      stem_conv_impl: the first stem convolution, "direct" or "space_to_depth" (the same
+        parameters and values, `lambdanet.layers.space_to_depth`).
       base_width: bottleneck width of c2 (doubles per stage; block outputs are 4x).
       activation: "relu" or "silu".
       shortcut: "conv1x1" (ByobNet) or "avg" (timm ResNet-D ``avg_down``).
@@ -135,6 +138,7 @@ class ByoaResNet(nn.Module):
     num_classes: int = 1000
     stem_widths: Sequence[int] = (24, 32, 64)
     max_pool_grad: str = "views"
+    stem_conv_impl: str = "direct"
     base_width: int = 64
     activation: str = "relu"
     shortcut: str = "conv1x1"
@@ -173,9 +177,11 @@ class ByoaResNet(nn.Module):
             param_dtype=self.param_dtype,
         )
         x = jnp.asarray(x, self.dtype)
+        first_conv = stem_conv(conv, self.stem_conv_impl)
         for i, width in enumerate(self.stem_widths):
             strides = (2, 2) if i == 0 else (1, 1)
-            x = conv(width, (3, 3), strides, padding=1, name=f"stem_conv{i + 1}")(x)
+            layer = first_conv if i == 0 else conv
+            x = layer(width, (3, 3), strides, padding=1, name=f"stem_conv{i + 1}")(x)
             x = act(norm(name=f"stem_bn{i + 1}")(x))
         x = max_pool_3x3(x, self.max_pool_grad)
         drop_rates = iter(self._drop_path_rates())

@@ -40,6 +40,7 @@ from lambdanet.layers.attention import (
 )
 from lambdanet.layers.lambda_layer import LambdaLayer, position_embedding_shape
 from lambdanet.layers.pooling import max_pool_3x3
+from lambdanet.layers.space_to_depth import stem_conv
 from lambdanet.models.fold import FoldedBatchNorm, check_not_training_folded
 from lambdanet.models.placement import parse_placement, stage_names
 
@@ -141,6 +142,9 @@ class ResNet(nn.Module):
       replace_stem_pool: the stem max-pool becomes a 3x3 stride-2 conv + BN + ReLU (ResNet-RS).
       max_pool_grad: gradient of the stem max-pool, "views" (scatter-free, faster on the H100) or
         "scatter" (XLA's select_and_scatter); the same values (`lambdanet.layers.pooling`).
+      stem_conv_impl: the stem's first (stride-2, 3-channel) convolution, "direct" or
+        "space_to_depth" (a stride-1 convolution over 2x2 blocks; the same parameters and values,
+        `lambdanet.layers.space_to_depth`).
       avg_down: ResNet-D shortcut, 2x2 average pool then 1x1 conv, in downsampling blocks.
       se_ratio: squeeze-excitation in conv blocks, reduced width = ratio x block output
         channels (ResNet-RS 0.25; Hu et al.'s reduction 16 is 1/16); 0 disables it.
@@ -172,6 +176,7 @@ class ResNet(nn.Module):
     deep_stem: bool = False
     replace_stem_pool: bool = False
     max_pool_grad: str = "views"
+    stem_conv_impl: str = "direct"
     avg_down: bool = False
     se_ratio: float = 0.0
     drop_path_rate: float = 0.0
@@ -260,14 +265,16 @@ class ResNet(nn.Module):
     def _stem(self, x: jax.Array, conv: ModuleDef, norm: ModuleDef) -> jax.Array:
         """[b, H, W, 3] -> [b, H/4, W/4, base_width]."""
         width = self.base_width
+        first_conv = stem_conv(conv, self.stem_conv_impl)
         if self.deep_stem:
             for i, (features, strides) in enumerate([(width // 2, 2), (width // 2, 1), (width, 1)]):
-                x = conv(features, (3, 3), (strides, strides), padding=1, name=f"stem_conv{i + 1}")(
-                    x
-                )
+                layer = first_conv if i == 0 else conv
+                x = layer(
+                    features, (3, 3), (strides, strides), padding=1, name=f"stem_conv{i + 1}"
+                )(x)
                 x = nn.relu(norm(name=f"stem_bn{i + 1}")(x))
         else:
-            x = conv(width, (7, 7), (2, 2), padding=3, name="stem_conv1")(x)
+            x = first_conv(width, (7, 7), (2, 2), padding=3, name="stem_conv1")(x)
             x = nn.relu(norm(name="stem_bn1")(x))
         if self.replace_stem_pool:
             x = conv(width, (3, 3), (2, 2), padding=1, name="stem_pool_conv")(x)
