@@ -25,10 +25,13 @@ from absl import app, flags
 _STEPS = flags.DEFINE_integer("steps", 1, "Steps the trace holds (for per-step times).")
 _TOP = flags.DEFINE_integer("top", 12, "How many kernels to list.")
 
-CLASSES = (
-    ("matrix units (conv / GEMM)", re.compile(r"xmma|gemm|cutlass|nvjet|cudnn|conv|wgmma|dot")),
-    ("reduction fusions", re.compile(r"^input_|reduce|reduction")),
+CLASSES = (  # the first match wins: "convert" is no conv, "input_transpose" no reduction
+    (
+        "matrix units (conv / GEMM)",
+        re.compile(r"xmma|gemm|cutlass|nvjet|cudnn|conv(?!ert)|wgmma|dot"),
+    ),
     ("copies / transposes", re.compile(r"copy|transpose|memcpy|memset")),
+    ("reduction fusions", re.compile(r"^input_|reduce|reduction")),
     ("elementwise fusions", re.compile(r"^loop_|fusion")),
 )
 

@@ -99,6 +99,9 @@ def test_kernel_names_are_classified():
     assert classify("loop_add_fusion_1") == "elementwise fusions"
     assert classify("loop_transpose_fusion_9") == "copies / transposes"
     assert classify("memcpy32_post") == "copies / transposes"
+    assert classify("input_transpose_fusion_8") == "copies / transposes"
+    assert classify("loop_convert_fusion") == "elementwise fusions"
+    assert classify("triton_convolution_fusion") == "matrix units (conv / GEMM)"
 
 
 def test_layer_benchmark_runs_on_cpu(monkeypatch):

@@ -138,7 +138,7 @@ class ByoaResNet(nn.Module):
     num_classes: int = 1000
     stem_widths: Sequence[int] = (24, 32, 64)
     max_pool_grad: str = "views"
-    stem_conv_impl: str = "direct"
+    stem_conv_impl: str = "space_to_depth"
     base_width: int = 64
     activation: str = "relu"
     shortcut: str = "conv1x1"

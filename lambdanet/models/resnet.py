@@ -176,7 +176,7 @@ class ResNet(nn.Module):
     deep_stem: bool = False
     replace_stem_pool: bool = False
     max_pool_grad: str = "views"
-    stem_conv_impl: str = "direct"
+    stem_conv_impl: str = "space_to_depth"
     avg_down: bool = False
     se_ratio: float = 0.0
     drop_path_rate: float = 0.0
