@@ -4,7 +4,10 @@
     python -m lambdanet.main --config=configs/demo.py --workdir=workdir/demo --mode=eval \
         [--checkpoint=STEP_OR_PATH]
 
-Any config field can be overridden: `--config.global_batch_size=512 --config.model.drop_rate=0.1`.
+Any field the config defines can be overridden, e.g. with `--config=configs/lambda_resnet50.py`:
+`--config.global_batch_size=512 --config.model.dropout_rate=0.1`. ml_collections overrides only
+fields that exist: a model attribute the config does not set (say `stem_conv_impl`) is set in a
+config file (`config.model.stem_conv_impl = "direct"`).
 
 Modes: `train_and_eval` (default) trains, resuming from WORKDIR/checkpoints if present, evaluates
 every `config.eval_every_epochs` and at the end; `train` skips evaluation; `eval` evaluates a

@@ -1,6 +1,8 @@
 """Every config loads, names a registered model with valid overrides, and documents its command."""
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ from configs import default
 from configs.hybrid_resnet50 import HYBRID_PLACEMENTS
 from lambdanet import data, models, train
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
 EXPERIMENTS = sorted(
     p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "default")
 )
@@ -92,3 +95,18 @@ def test_demo_config_trains_the_embedded_digits_on_cpu():
     assert config.dataset.name == "digits" and config.dataset.image_size == 32
     assert not config.half_precision and config.ema_decay < 0.999
     assert "L" in config.model.placement
+
+
+def test_main_documents_an_override_that_parses():
+    from lambdanet import main  # its docstring; the flags are parsed in a fresh process
+
+    example = ["--config.global_batch_size=512", "--config.model.dropout_rate=0.1"]
+    assert "`" + " ".join(example) + "`" in main.__doc__.replace("\n", " ")
+    parse = (
+        "import sys; from absl import flags; from lambdanet import main; flags.FLAGS(sys.argv); "
+        "c = main._CONFIG.value; print(c.global_batch_size, c.model.dropout_rate)"
+    )
+    argv = [sys.executable, "-c", parse, "--workdir=unused", "--config=configs/lambda_resnet50.py"]
+    argv += example
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.split() == ["512", "0.1"]
