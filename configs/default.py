@@ -13,6 +13,7 @@ recipe with weight decay 4e-5, RandAugment, dropout, stochastic depth; Table 13 
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from lambdanet.data import default_dataset_config
 
@@ -40,8 +41,16 @@ def get_config() -> ml_collections.ConfigDict:
     """The 90-epoch recipe with `resnet50` on TFDS imagenet2012."""
     config = ml_collections.ConfigDict()
     config.model_name = "resnet50"
-    # Overrides of the registry model's attributes (lambdanet.models.ResNet), e.g. drop_rate.
-    config.model = ml_collections.ConfigDict()
+    # Overrides of the registry model's attributes (lambdanet.models.ResNet / ByoaResNet), e.g.
+    # dropout_rate. The implementation choices are declared unset (None: the model's default), so
+    # every config takes them on the command line, e.g. --config.model.stem_conv_impl=direct.
+    config.model = ml_collections.ConfigDict(
+        dict(
+            impl=placeholder(str),  # LambdaLayer: "auto", "einsum", "conv", "rows", "blocked"
+            stem_conv_impl=placeholder(str),  # "space_to_depth" or "direct"
+            max_pool_grad=placeholder(str),  # "views" or "scatter"
+        )
+    )
     config.dataset = default_dataset_config()
     config.seed = 0  # parameter initialisation, dropout and stochastic depth
     config.data_seed = 0  # data order and augmentation

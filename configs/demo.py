@@ -22,9 +22,7 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     config.model_name = "lambda_resnet50"
-    config.model = ml_collections.ConfigDict(
-        dict(stage_sizes=(1, 1, 1, 1), base_width=16, placement="C,L,L,L")
-    )
+    config.model.update(dict(stage_sizes=(1, 1, 1, 1), base_width=16, placement="C,L,L,L"))
     config.dataset.name = "digits"
     config.dataset.image_size = 32
     config.dataset.train_crop_area = (0.5, 1.0)

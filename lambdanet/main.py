@@ -5,9 +5,10 @@
         [--checkpoint=STEP_OR_PATH]
 
 Any field the config defines can be overridden, e.g. with `--config=configs/lambda_resnet50.py`:
-`--config.global_batch_size=512 --config.model.dropout_rate=0.1`. ml_collections overrides only
-fields that exist: a model attribute the config does not set (say `stem_conv_impl`) is set in a
-config file (`config.model.stem_conv_impl = "direct"`).
+`--config.global_batch_size=512 --config.model.dropout_rate=0.1`. Every config defines the
+model's implementation choices `impl`, `stem_conv_impl` and `max_pool_grad` (unset: the model's
+defaults). ml_collections overrides only fields that exist: another model attribute that the
+config does not set (say `se_ratio`) is set in a config file (`config.model.se_ratio = 0.25`).
 
 Modes: `train_and_eval` (default) trains, resuming from WORKDIR/checkpoints if present, evaluates
 every `config.eval_every_epochs` and at the end; `train` skips evaluation; `eval` evaluates a

@@ -48,11 +48,11 @@ EVAL_METRICS_FILE = "eval_metrics.json"
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    """`config.model_name` from the registry, with `config.model` as constructor overrides."""
+    """`config.model_name` from the registry, with `config.model` as constructor overrides (a
+    field left None keeps the model's default)."""
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-    return models.create_model(
-        config.model_name, num_classes=num_classes, dtype=dtype, **config.model.to_dict()
-    )
+    overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
+    return models.create_model(config.model_name, num_classes=num_classes, dtype=dtype, **overrides)
 
 
 def check_image_size(model: nn.Module, image_size: int) -> None:

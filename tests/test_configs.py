@@ -104,9 +104,20 @@ def test_main_documents_an_override_that_parses():
     assert "`" + " ".join(example) + "`" in main.__doc__.replace("\n", " ")
     parse = (
         "import sys; from absl import flags; from lambdanet import main; flags.FLAGS(sys.argv); "
-        "c = main._CONFIG.value; print(c.global_batch_size, c.model.dropout_rate)"
+        "c = main._CONFIG.value; print(c.global_batch_size, c.model.dropout_rate, "
+        "c.model.stem_conv_impl)"
     )
     argv = [sys.executable, "-c", parse, "--workdir=unused", "--config=configs/lambda_resnet50.py"]
-    argv += example
+    argv += [*example, "--config.model.stem_conv_impl=direct"]
     out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=True).stdout
-    assert out.split() == ["512", "0.1"]
+    assert out.split() == ["512", "0.1", "direct"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_config_takes_the_implementation_choices(name):
+    config = _module(name).get_config()
+    model = train.create_model(config, num_classes=10)
+    assert (model.stem_conv_impl, model.max_pool_grad) == ("space_to_depth", "views")  # unset
+    config.model.impl, config.model.stem_conv_impl = "einsum", "direct"
+    model = train.create_model(config, num_classes=10)
+    assert (model.impl, model.stem_conv_impl) == ("einsum", "direct")
