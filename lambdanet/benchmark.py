@@ -18,6 +18,7 @@ Modes (`scripts/benchmark.py` is the command line):
   python scripts/benchmark.py --layer        # one lambda layer: each implementation and timm's
   python scripts/benchmark.py --table4       # the paper's Table 4 on this device
   python scripts/benchmark.py --cost-table   # GPU-hours of every paper config's full schedule
+  python scripts/benchmark.py --cost-table --parallel 4  # four rows at once, one per GPU
   python scripts/benchmark.py --model resnet50 --modes train --scaling 1,2,4,8
       # data parallel on the first N devices, --batch-size per device; efficiency vs N = 1
       # (--config-overrides '{"sync_batch_norm": false}': BatchNorm statistics per device)
@@ -33,9 +34,12 @@ Modes (`scripts/benchmark.py` is the command line):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import json
 import math
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -467,14 +471,17 @@ def run_measurement(spec: dict) -> dict:
     return record
 
 
-def run_isolated(spec: dict) -> dict:
-    """`run_measurement` in a fresh Python process (its own peak memory; survives crashes)."""
+def run_isolated(spec: dict, device: int | None = None) -> dict:
+    """`run_measurement` in a fresh Python process (its own peak memory; survives crashes), on
+    GPU `device` alone (CUDA_VISIBLE_DEVICES) if given."""
+    env = None if device is None else os.environ | {"CUDA_VISIBLE_DEVICES": str(device)}
     out = subprocess.run(
         [sys.executable, "-m", "lambdanet.benchmark", "--worker", json.dumps(spec)],
         capture_output=True,
         text=True,
         check=False,
         cwd=ROOT,
+        env=env,
     )
     for line in reversed(out.stdout.splitlines()):
         if line.startswith("{"):
@@ -564,21 +571,40 @@ def _is_out_of_memory(record: dict) -> bool:
 
 def cost_table(args, measure) -> list[dict]:
     """Training img/s of every paper config at its resolution (batch halved until it fits, as
-    ResNet-RS measured latency) and the GPU-hours of its whole schedule."""
-    records = []
-    for name in _selected(COST_CONFIGS, args.only):
-        batch_size = args.batch_size
-        while True:
-            spec = _model_spec(args, config=name, model=None, batch_size=batch_size)
-            del spec["image_size"]  # the config's
-            record = measure(spec)
-            if not _is_out_of_memory(record) or batch_size <= 8:
-                break
-            batch_size //= 2
-        record = _with_gpu_hours(record)
-        print(json.dumps(record), flush=True)
-        records.append(record)
-    return records
+    ResNet-RS measured latency) and the GPU-hours of its whole schedule. With ``args.parallel``
+    = N, N rows run at once, each in its own process on one of GPUs 0..N-1 (their compiles
+    overlap); the records keep the configs' order."""
+    names = _selected(COST_CONFIGS, args.only)
+    if args.parallel <= 1:
+        return [_cost_row(args, name, measure) for name in names]
+    free_devices = queue.SimpleQueue()
+    for device in range(args.parallel):
+        free_devices.put(device)
+
+    def row_on_a_free_device(name: str) -> dict:
+        device = free_devices.get()
+        try:
+            return _cost_row(args, name, functools.partial(run_isolated, device=device))
+        finally:
+            free_devices.put(device)
+
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        return list(pool.map(row_on_a_free_device, names))
+
+
+def _cost_row(args, name: str, measure) -> dict:
+    """One config's record (printed as it is measured), its batch halved while out of memory."""
+    batch_size = args.batch_size
+    while True:
+        spec = _model_spec(args, config=name, model=None, batch_size=batch_size)
+        del spec["image_size"]  # the config's
+        record = measure(spec)
+        if not _is_out_of_memory(record) or batch_size <= 8:
+            break
+        batch_size //= 2
+    record = _with_gpu_hours(record)
+    print(json.dumps(record), flush=True)
+    return record
 
 
 def _with_gpu_hours(record: dict) -> dict:
@@ -775,8 +801,20 @@ def main(argv=None):
         "--profile-dir", help="also write a JAX profiler trace of --steps steps of our models"
     )
     parser.add_argument("--no-isolate", action="store_true", help="measure in this process")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="with --cost-table: measure N rows at once, one process per GPU 0..N-1",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.parallel > 1 and not args.cost_table:
+        parser.error("--parallel runs rows of --cost-table: add --cost-table or drop --parallel")
+    if args.parallel > 1 and args.no_isolate:
+        parser.error("--parallel runs each row in its own process: drop --no-isolate")
+    if args.parallel < 1:
+        parser.error(f"--parallel {args.parallel}: give a number of GPUs, 1 or more")
     if args.scaling and (args.peer or args.layer or args.table4 or args.cost_table):
         parser.error("--scaling times --model alone: drop --peer, --layer, --table4, --cost-table")
     if args.worker:

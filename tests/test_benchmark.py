@@ -4,6 +4,9 @@ import argparse
 import gzip
 import json
 import math
+import subprocess
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -149,7 +152,7 @@ def test_cost_table_halves_the_batch_until_it_fits_and_counts_gpu_hours(capsys):
     args = argparse.Namespace(
         batch_size=128, image_size=224, dtype="bfloat16", num_classes=1000, warmup=1,
         windows=1, steps=1, only="lambda_resnet420:320", profile_dir=None, no_fold_bn=False,
-        config_overrides="{}",
+        config_overrides="{}", parallel=1,
     )  # fmt: skip
     (record,) = benchmark.cost_table(args, fake_measure)
     assert calls == [128, 64, 32]
@@ -160,6 +163,60 @@ def test_cost_table_halves_the_batch_until_it_fits_and_counts_gpu_hours(capsys):
         "| lambda_resnet420:320 | 320 | 350 | 32 | - | 1000 | 124.6 |"
         in benchmark.cost_markdown([record])
     )
+
+
+def test_parallel_cost_rows_run_at_once_each_on_a_gpu_of_its_own(monkeypatch, capsys):
+    lock, busy, started = threading.Lock(), set(), []
+
+    def fake_isolated(spec, device=None):
+        with lock:
+            assert device in (0, 1) and device not in busy, (device, busy)
+            busy.add(device)
+            started.append(len(busy))
+        time.sleep(0.2)
+        with lock:
+            busy.discard(device)
+        return spec | {"img_per_s": 1000.0, "epochs": 350.0, "image_size": 256}
+
+    monkeypatch.setattr(benchmark, "run_isolated", fake_isolated)
+    only = "lambda_resnet152:256,lambda_resnet350:256,lambda_resnet350:288"
+    args = argparse.Namespace(
+        batch_size=128, image_size=224, dtype="bfloat16", num_classes=1000, warmup=1,
+        windows=1, steps=1, only=only, profile_dir=None, no_fold_bn=False,
+        config_overrides="{}", parallel=2,
+    )  # fmt: skip
+    records = benchmark.cost_table(args, measure=None)
+    assert [r["config"] for r in records] == benchmark._selected(benchmark.COST_CONFIGS, only)
+    assert len(started) == 3 and max(started) == 2  # two rows ran at once, never on one GPU
+    assert len(_records(capsys)) == 3
+
+
+def test_isolated_worker_sees_only_its_gpu(monkeypatch):
+    seen = {}
+
+    def fake_run(argv, **kwargs):
+        seen.update(kwargs)
+        return subprocess.CompletedProcess(argv, 0, stdout='{"img_per_s": 1.0}\n', stderr="")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", fake_run)
+    assert benchmark.run_isolated({}, device=3) == {"img_per_s": 1.0}
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == "3"
+    benchmark.run_isolated({})
+    assert seen["env"] is None  # every visible device
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--parallel", "2"], "add --cost-table or drop --parallel"),
+        (["--cost-table", "--parallel", "2", "--no-isolate"], "drop --no-isolate"),
+        (["--cost-table", "--parallel", "0"], "1 or more"),
+    ],
+)
+def test_bad_parallel_settings_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_missing_cost_rows_interpolate_the_flop_rate_of_their_family(tmp_path, monkeypatch, capsys):
