@@ -19,6 +19,13 @@ def test_flops_resnet50():
     assert abs(analysis.flops(create_model("resnet50")) / 2 / 4.09e9 - 1) < 0.05
 
 
+@pytest.mark.parametrize("name", ["resnet50", "lambda_resnet26t"])
+def test_flops_do_not_count_the_space_to_depth_kernel_padding(name):
+    blocks = create_model(name, stem_conv_impl="space_to_depth")
+    direct = create_model(name, stem_conv_impl="direct")
+    assert analysis.flops(blocks) == analysis.flops(direct)
+
+
 def test_stage_shapes():
     shapes = analysis.stage_shapes(create_model("resnet50"), (224, 320))
     assert shapes == {"c2": (56, 80), "c3": (28, 40), "c4": (14, 20), "c5": (7, 10)}
