@@ -724,13 +724,21 @@ def table4_markdown(records: list[dict], only: str | None = None) -> str:
     return _markdown(header, rows)
 
 
+def _cost_source(record: dict) -> str:
+    """ "measured on H100 80GB HBM3", or the rows an estimate comes from."""
+    if "estimated_from" in record:
+        return f"estimated from {record['estimated_from']}"
+    device = record.get("device", "").removeprefix("NVIDIA ")
+    return f"measured on {device}" if device else "measured"
+
+
 def cost_markdown(records: list[dict]) -> str:
     rows = [
         [r["config"], r.get("image_size", "-"), _fmt(r.get("epochs")), r["batch_size"],
          _fmt(r.get("fwd_gflops"), 1), _fmt(r.get("img_per_s")),
          _fmt(r.get("gpu_hours_1gpu"), 1),
          _fmt(r.get("wall_hours_8gpu_linear"), 1),
-         f"estimated from {r['estimated_from']}" if "estimated_from" in r else "measured",
+         _cost_source(r),
          r.get("error", "")[:60]]
         for r in records
     ]  # fmt: skip

@@ -163,6 +163,7 @@ def test_cost_table_halves_the_batch_until_it_fits_and_counts_gpu_hours(capsys):
         "| lambda_resnet420:320 | 320 | 350 | 32 | - | 1000 | 124.6 |"
         in benchmark.cost_markdown([record])
     )
+    assert "| measured |" in benchmark.cost_markdown([record])  # no device in the record
 
 
 def test_parallel_cost_rows_run_at_once_each_on_a_gpu_of_its_own(monkeypatch, capsys):
@@ -225,7 +226,13 @@ def test_missing_cost_rows_interpolate_the_flop_rate_of_their_family(tmp_path, m
               "lambda_resnet50_all": 66.0}  # fmt: skip
     monkeypatch.setattr(benchmark, "config_flops", lambda name: gflops[name] * 1e9)
     measured = [
-        {"config": "lambda_resnet152:192", "batch_size": 128, "img_per_s": 2000.0, "epochs": 350.0},
+        {
+            "config": "lambda_resnet152:192",
+            "batch_size": 128,
+            "img_per_s": 2000.0,
+            "epochs": 350.0,
+            "device": "NVIDIA H200",
+        },
         {"config": "lambda_resnet270:256", "batch_size": 64, "img_per_s": 900.0, "epochs": 350.0},
         {"config": "lambda_resnet350:288", "batch_size": 128, "error": "worker exited 1"},
         # another family (Table 3 model) with the very FLOPs of lambda_resnet350:256: not used
@@ -252,6 +259,7 @@ def test_missing_cost_rows_interpolate_the_flop_rate_of_their_family(tmp_path, m
     assert beyond["gpu_hours_1gpu"] == pytest.approx(350 * 1_281_167 / (900 * 52 / 66) / 3600)
     assert "| lambda_resnet350:256 | 256 | 350 | 64 | 66.0 | 709 | 175.7 | 22.0 |" in out
     assert "estimated from lambda_resnet270:256 |" in out
+    assert "| 16.0 | 2000 | - | - | measured on H200 |" in out  # a measured row names its GPU
 
 
 def test_every_cost_config_and_table4_model_exists():
