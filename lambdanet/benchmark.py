@@ -725,7 +725,7 @@ def table4_markdown(records: list[dict], only: str | None = None) -> str:
 
 
 def _cost_source(record: dict) -> str:
-    """ "measured on H100 80GB HBM3", or the rows an estimate comes from."""
+    """A cost row's source cell: the GPU it was measured on, or the rows it is estimated from."""
     if "estimated_from" in record:
         return f"estimated from {record['estimated_from']}"
     device = record.get("device", "").removeprefix("NVIDIA ")
