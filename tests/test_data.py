@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from lambdanet import data
-from lambdanet.data import in_memory
+from lambdanet.data import augment, batching, in_memory
 from scripts import make_arrays
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,14 +31,14 @@ def _ids(images: np.ndarray) -> np.ndarray:
 def _source(
     num_train=10, num_eval=7, global_batch=6, eval_batch=6, process_index=0, process_count=1, seed=0
 ):
+    batch = batching.Batching(global_batch, eval_batch, seed, process_index, process_count)
+    augmentation = augment.Augmentation(image_size=2, num_classes=10, crop_on_device=True)
     return in_memory.ArraySource(
         _id_arrays(num_train),
         _id_arrays(num_eval),
-        global_batch_size=global_batch,
-        eval_batch_size=eval_batch,
-        seed=seed,
-        process_index=process_index,
-        process_count=process_count,
+        [str(i) for i in range(10)],
+        batch,
+        augmentation,
     )
 
 

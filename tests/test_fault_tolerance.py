@@ -12,7 +12,8 @@ import signal
 import chex
 import pytest
 
-from lambdanet import checkpoint, data, train
+from lambdanet import checkpoint, train
+from lambdanet.data.in_memory import ArraySource
 from scripts import chaos_resume
 
 
@@ -63,7 +64,7 @@ def test_sigterm_during_a_save_stops_after_it(tiny_config, tmp_path, monkeypatch
 
 def test_sigterm_during_evaluation_abandons_it_and_stops(tiny_config, tmp_path, monkeypatch):
     tiny_config.eval_every_epochs = 4.5 / 93  # every 4 steps of 16 of the 1,497 digits
-    monkeypatch.setattr(data.Dataset, "eval_iter", _sigterm_then(data.Dataset.eval_iter))
+    monkeypatch.setattr(ArraySource, "eval_iter", _sigterm_then(ArraySource.eval_iter))
     stopped = train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=True)
     assert stopped["stopped_early"] and stopped["step"] == 4
     assert not any(name.startswith("eval_") for name in stopped)

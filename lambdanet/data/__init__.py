@@ -1,36 +1,45 @@
-"""Input pipelines: `create_dataset(config.dataset, ...)` -> `Dataset`.
+"""Input pipelines: `create_dataset(config.dataset, ...)` -> a `Dataset` (the protocol below).
 
-Two paths behind one interface:
-* in memory (`name='digits'` or `'in_memory'`, `in_memory.py`): TF-free uint8 arrays on the host;
-  cropping, flipping and RandAugment run in JAX on the device (`Dataset.device_preprocess`).
-* tf.data (`name='image_folder'` or a TFDS name such as `'imagenet2012'`, `input_pipeline.py`):
-  decoding and cropping on the host CPU with TensorFlow (imported only there, kept off the GPUs);
-  flip, RandAugment and mixup on the device.
+Three sources, chosen by `config.dataset.name`:
+* in memory (`'digits'`, `'in_memory'`; `in_memory.py`): TF-free uint8 arrays on the host;
+  cropping, flipping and RandAugment run in JAX on the device (`device_preprocess`). For small
+  datasets (the demo, Imagenette).
+* ArrayRecord shards (`'array_record'`; `array_record.py`): TF-free streaming for ImageNet-size
+  data. Grain worker processes decode and crop JPEGs (libjpeg-turbo, reduced-size decoding);
+  flip, RandAugment and mixup run on the device. `scripts/convert_to_array_record.py` writes the
+  shards once from the ImageNet tars, an image folder tree or a TFDS dataset.
+* tf.data (`'image_folder'` or a TFDS name such as `'imagenet2012'`; `input_pipeline.py`):
+  decoding and cropping on the host CPU with TensorFlow; flip, RandAugment and mixup on the device.
 
-Both give endless train batches that are a pure function of (seed, step), so `train_iter(k)`
+All give endless train batches that are a pure function of (seed, step), so `train_iter(k)`
 resumes exactly, and eval batches padded and masked so every eval example counts exactly once for
-any batch size and process count.
+any batch size and process count (`batching.py` holds that shared arithmetic).
 """
 
-import dataclasses
 from collections.abc import Iterator
 from typing import Protocol
 
-import jax
 import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from lambdanet.data import augment, in_memory
+from lambdanet.data import augment, batching, in_memory
 
 IN_MEMORY_NAMES = ("digits", "in_memory")
+ARRAY_RECORD_NAME = "array_record"
 
 
 def default_dataset_config() -> ml_collections.ConfigDict:
     """The `config.dataset` fields and defaults (ImageNet, the 90-epoch setup's augmentation).
 
     name: 'digits' (embedded demo), 'in_memory' (path = .npz array file or image folder),
+      'array_record' (path = folder of shards written by scripts/convert_to_array_record.py),
       'image_folder' (path = folder tree read with TFDS ImageFolder) or a TFDS name.
+    decoder: ArrayRecord path: 'simplejpeg' (libjpeg-turbo with reduced-size decoding when the
+      crop shrinks 2x or more), 'opencv' or 'pillow' (the same with their reduced-size modes).
+    fast_dct: ArrayRecord path: libjpeg-turbo's fast integer IDCT and fast chroma upsampling.
+    workers: ArrayRecord path: Grain decoding processes (None: one per CPU core, less one);
+      0 decodes in the training process (tests, debugging).
     data_dir / manual_dir: TFDS data dir; the folder with the ImageNet tars (first run only).
     load_size: side the in-memory path decodes an image folder to; None = image_size /
       eval_crop_fraction (so the eval crop is exactly image_size).
@@ -57,6 +66,9 @@ def default_dataset_config() -> ml_collections.ConfigDict:
             mixup_alpha=0.0,
             shuffle_buffer=16_384,
             cache=False,
+            decoder="simplejpeg",
+            fast_dct=True,
+            workers=config_dict.placeholder(int),
             max_train_examples=config_dict.placeholder(int),
             max_eval_examples=config_dict.placeholder(int),
             num_classes=config_dict.placeholder(int),
@@ -64,26 +76,16 @@ def default_dataset_config() -> ml_collections.ConfigDict:
     )
 
 
-class BatchSource(Protocol):
-    """What both pipelines provide (`in_memory.ArraySource`, `input_pipeline.TFDSSource`)."""
-
-    num_train_examples: int
-    num_eval_examples: int
-    num_eval_batches: int
-
-    def train_iter(self, start_step: int) -> Iterator[dict[str, np.ndarray]]: ...
-
-    def eval_iter(self) -> Iterator[dict[str, np.ndarray]]: ...
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Dataset:
-    """A dataset for one process: sizes, batch iterators and the on-device preprocessing.
+class Dataset(Protocol):
+    """What every input source provides for one process (`in_memory.ArraySource`,
+    `input_pipeline.TFDSSource`, `array_record.ArrayRecordSource`).
 
     Host batches: 'image' uint8 [B, H, W, 3] (B = batch size / process count; H = W = image_size
-    on the tf.data path, the stored side on the in-memory path), 'label' int32 [B]; eval batches
-    also carry 'mask' bool [B]. `device_preprocess` maps them to float32 [B, S, S, 3],
-    S = image_size.
+    on the tf.data and ArrayRecord paths, the stored side on the in-memory path), 'label' int32
+    [B]; eval batches also carry 'mask' bool [B]. `device_preprocess(batch, rng, train)` is pure
+    jnp (called inside jit): augmentation (train) or center crop (eval, in-memory path) and
+    ImageNet normalisation -> 'image' float32 [B, S, S, 3], S = image_size; with mixup also
+    'soft_label'.
     """
 
     num_classes: int
@@ -92,8 +94,7 @@ class Dataset:
     image_size: int
     class_names: tuple[str, ...]
     num_eval_batches: int  # per process; every process yields this many eval batches
-    augmentation: augment.Augmentation
-    source: BatchSource
+    device_preprocess: augment.Augmentation
 
     def train_iter(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Endless per-process train batches from global step `start_step` on.
@@ -101,17 +102,12 @@ class Dataset:
         A pure function of (seed, step): `train_iter(k)` yields exactly what an uninterrupted
         `train_iter(0)` yields from step k on.
         """
-        return self.source.train_iter(start_step)
+        ...
 
     def eval_iter(self) -> Iterator[dict[str, np.ndarray]]:
         """One pass over this process's eval shard in `num_eval_batches` full batches; the padding
         of the last ones has 'mask' False, so every eval example counts exactly once overall."""
-        return self.source.eval_iter()
-
-    def device_preprocess(self, batch: dict, rng: jax.Array, train: bool) -> dict:
-        """Pure jnp (call inside jit): augmentation (train) or center crop (eval, in-memory path)
-        and ImageNet normalisation -> 'image' float32 [B, S, S, 3]; with mixup also 'soft_label'."""
-        return self.augmentation(batch, rng, train)
+        ...
 
 
 def _in_memory_splits(config) -> tuple[in_memory.ImageArrays, in_memory.ImageArrays, list[str]]:
@@ -140,20 +136,6 @@ def _in_memory_splits(config) -> tuple[in_memory.ImageArrays, in_memory.ImageArr
     return train, evaluation, class_names
 
 
-def _randaugment_fields(randaugment) -> dict:
-    if not randaugment:
-        return {}
-    if set(randaugment) != {"num_layers", "magnitude"}:
-        raise ValueError(
-            f"randaugment={dict(randaugment)} must be None or "
-            "dict(num_layers=N, magnitude=M), e.g. dict(num_layers=2, magnitude=10)."
-        )
-    return dict(
-        randaugment_layers=int(randaugment["num_layers"]),
-        randaugment_magnitude=float(randaugment["magnitude"]),
-    )
-
-
 def create_dataset(
     config: ml_collections.ConfigDict,
     *,
@@ -163,13 +145,13 @@ def create_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> Dataset:
-    """Builds the dataset `config` (the experiment's `config.dataset`) describes for one process.
+    """Builds the source `config` (the experiment's `config.dataset`) names, for one process.
 
     global_batch_size / eval_batch_size are summed over processes (each must divide by
     process_count); seed fixes shuffling and host-side crops (the device's randomness comes from
     the rng passed to `device_preprocess`).
     """
-    batching = dict(
+    batch = batching.Batching(
         global_batch_size=global_batch_size,
         eval_batch_size=eval_batch_size,
         seed=seed,
@@ -178,35 +160,19 @@ def create_dataset(
     )
     if config.name in IN_MEMORY_NAMES:
         train, evaluation, class_names = _in_memory_splits(config)
-        source = in_memory.ArraySource(train, evaluation, **batching)
+        augmentation = augment.from_config(config, len(class_names), crop_on_device=True)
+        dataset = in_memory.ArraySource(train, evaluation, class_names, batch, augmentation)
+    elif config.name == ARRAY_RECORD_NAME:
+        from lambdanet.data import array_record
+
+        dataset = array_record.ArrayRecordSource(config, batch)
     else:
         from lambdanet.data import input_pipeline
 
-        source = input_pipeline.TFDSSource(config, **batching)
-        class_names = source.class_names
-    if config.num_classes is not None and config.num_classes != len(class_names):
+        dataset = input_pipeline.TFDSSource(config, batch)
+    if config.num_classes is not None and config.num_classes != dataset.num_classes:
         raise ValueError(
-            f"Dataset {config.name!r} has {len(class_names)} classes, but "
+            f"Dataset {config.name!r} has {dataset.num_classes} classes, but "
             f"config.dataset.num_classes={config.num_classes}; fix or unset it."
         )
-    augmentation = augment.Augmentation(
-        image_size=config.image_size,
-        num_classes=len(class_names),
-        crop_on_device=config.name in IN_MEMORY_NAMES,
-        eval_crop_fraction=config.eval_crop_fraction,
-        train_crop_area=tuple(config.train_crop_area),
-        train_crop_aspect_ratio=tuple(config.train_crop_aspect_ratio),
-        horizontal_flip=config.horizontal_flip,
-        mixup_alpha=config.mixup_alpha,
-        **_randaugment_fields(config.randaugment),
-    )
-    return Dataset(
-        num_classes=len(class_names),
-        num_train_examples=source.num_train_examples,
-        num_eval_examples=source.num_eval_examples,
-        image_size=config.image_size,
-        class_names=tuple(class_names),
-        num_eval_batches=source.num_eval_batches,
-        augmentation=augmentation,
-        source=source,
-    )
+    return dataset

@@ -377,3 +377,30 @@ class Augmentation:
             )
         batch["image"] = normalize(images)
         return batch
+
+
+def from_config(config, num_classes: int, crop_on_device: bool) -> Augmentation:
+    """The Augmentation a dataset config (`config.dataset`) asks for."""
+    randaugment = config.randaugment
+    fields = {}
+    if randaugment:
+        if set(randaugment) != {"num_layers", "magnitude"}:
+            raise ValueError(
+                f"randaugment={dict(randaugment)} must be None or "
+                "dict(num_layers=N, magnitude=M), e.g. dict(num_layers=2, magnitude=10)."
+            )
+        fields = dict(
+            randaugment_layers=int(randaugment["num_layers"]),
+            randaugment_magnitude=float(randaugment["magnitude"]),
+        )
+    return Augmentation(
+        image_size=config.image_size,
+        num_classes=num_classes,
+        crop_on_device=crop_on_device,
+        eval_crop_fraction=config.eval_crop_fraction,
+        train_crop_area=tuple(config.train_crop_area),
+        train_crop_aspect_ratio=tuple(config.train_crop_aspect_ratio),
+        horizontal_flip=config.horizontal_flip,
+        mixup_alpha=config.mixup_alpha,
+        **fields,
+    )

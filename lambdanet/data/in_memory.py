@@ -10,23 +10,22 @@ The array file (`scripts/make_arrays.py` writes it) is an `.npz` holding, per sp
 every image concatenated in `NAME_jpeg` uint8 with `NAME_offsets` int64 [N + 1] (jpeg); and
 `class_names` str [num_classes] and `image_size` (S).
 
-This module also holds the batching arithmetic both pipelines share: per-process batch sizes,
-per-process eval shards and the padded, masked eval batches that count every example once.
+`ArraySource` serves them as a `lambdanet.data.Dataset`.
 """
 
 import concurrent.futures
 import dataclasses
-import functools
 import io
 import itertools
-import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from absl import logging
 from PIL import Image
+
+from lambdanet.data import augment, batching, decode
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -56,7 +55,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     """
     with Image.open(io.BytesIO(data)) as image:
         image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that is still >= size.
-        image = image.convert("RGB")
+        image = Image.fromarray(decode.to_rgb(image))  # 16-bit images scaled, not clipped
     width, height = image.size
     if (width, height) != (size, size):
         side = min(width, height)
@@ -250,118 +249,41 @@ def load_arrays(
     )
 
 
-def local_batch_size(batch_size: int, process_count: int, what: str = "batch size") -> int:
-    """The per-process share of a global batch; a ValueError unless it divides evenly."""
-    if batch_size <= 0 or batch_size % process_count:
-        raise ValueError(
-            f"The global {what} {batch_size} is not a positive multiple of the "
-            f"process count {process_count}; pick a multiple of {process_count}."
-        )
-    return batch_size // process_count
-
-
-def shard_bounds(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """[start, stop) of the process's contiguous eval shard; shard sizes differ by at most one."""
-    return (
-        num_examples * process_index // process_count,
-        num_examples * (process_index + 1) // process_count,
-    )
-
-
-def num_eval_batches(shard_sizes: Iterable[int], local_batch_size: int) -> int:
-    """The eval batches every process yields: enough for the largest shard."""
-    return max(1, math.ceil(max(shard_sizes) / local_batch_size))
-
-
-def padded_eval_batches(
-    batches: Iterable[dict[str, np.ndarray]],
-    batch_size: int,
-    num_batches: int,
-    image_shape: Sequence[int],
-) -> Iterator[dict[str, np.ndarray]]:
-    """Pads each batch to `batch_size` (zeros), adds 'mask' bool [batch_size] (False on padding)
-    and appends all-padding batches up to `num_batches`, so all processes run the same steps."""
-    count = 0
-    for batch in batches:
-        yield _pad_batch(batch, batch_size)
-        count += 1
-    if count > num_batches:
-        raise RuntimeError(
-            f"The eval shard gave {count} batches, more than the {num_batches} "
-            "every process runs; its example count was wrong."
-        )
-    empty = {"image": np.zeros((0, *image_shape), np.uint8), "label": np.zeros(0, np.int32)}
-    for _ in range(num_batches - count):
-        yield _pad_batch(empty, batch_size)
-
-
-def _pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-    size = len(batch["label"])
-    pad = lambda a: np.concatenate([a, np.zeros((batch_size - size, *a.shape[1:]), a.dtype)])
-    return {**{k: pad(v) for k, v in batch.items()}, "mask": np.arange(batch_size) < size}
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
-
-
 class ArraySource:
-    """Batches of in-memory arrays, deterministic from (seed, step).
-
-    Training reads one endless stream: the concatenation of epoch permutations of the train set,
-    epoch e permuted with seed (seed, e). Global batch k is stream[k G : (k + 1) G]; process p
-    takes its B = G / process_count slice, so the global batch does not depend on the number of
-    processes. Evaluation splits the eval set into contiguous per-process shards.
-    """
+    """In-memory arrays as a `Dataset`: train batches by index gather from the stream of
+    `batching.py`, eval batches from contiguous per-process shards; crops on the device."""
 
     def __init__(
         self,
         train: ImageArrays,
         evaluation: ImageArrays,
-        *,
-        global_batch_size: int,
-        eval_batch_size: int,
-        seed: int,
-        process_index: int,
-        process_count: int,
+        class_names: Sequence[str],
+        batch: batching.Batching,
+        augmentation: augment.Augmentation,
     ):
-        self.train, self.evaluation = train, evaluation
+        self.train, self.evaluation, self.batching = train, evaluation, batch
+        self.class_names = tuple(class_names)
+        self.num_classes = len(self.class_names)
         self.num_train_examples, self.num_eval_examples = len(train.labels), len(evaluation.labels)
-        self.seed, self.process_index, self.process_count = seed, process_index, process_count
-        self.global_batch_size = global_batch_size
-        self.batch_size = local_batch_size(global_batch_size, process_count)
-        self.eval_batch_size = local_batch_size(eval_batch_size, process_count, "eval batch size")
-        largest_shard = math.ceil(self.num_eval_examples / process_count)
-        self.num_eval_batches = num_eval_batches([largest_shard], self.eval_batch_size)
-
-    def train_indices(self, step: int) -> np.ndarray:
-        """Train-set indices of this process's part of global batch `step`, int [B]."""
-        start = step * self.global_batch_size + self.process_index * self.batch_size
-        epochs, offsets = np.divmod(
-            np.arange(start, start + self.batch_size), self.num_train_examples
-        )
-        return np.concatenate(
-            [
-                _epoch_permutation(self.seed, int(e), self.num_train_examples)[offsets[epochs == e]]
-                for e in np.unique(epochs)
-            ]
-        )
+        self.num_eval_batches = batch.num_eval_batches(self.num_eval_examples)
+        self.image_size = augmentation.image_size
+        self.device_preprocess = augmentation
 
     def train_iter(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         for step in itertools.count(start_step):
-            indices = self.train_indices(step)
+            indices = self.batching.train_indices(step, self.num_train_examples)
             yield {"image": self.train.images[indices], "label": self.train.labels[indices]}
 
     def eval_iter(self) -> Iterator[dict[str, np.ndarray]]:
-        start, stop = shard_bounds(self.num_eval_examples, self.process_index, self.process_count)
+        start, stop = self.batching.eval_shard(self.num_eval_examples)
+        size = self.batching.local_eval_batch_size
         batches = (
             {
-                "image": self.evaluation.images[i : min(i + self.eval_batch_size, stop)],
-                "label": self.evaluation.labels[i : min(i + self.eval_batch_size, stop)],
+                "image": self.evaluation.images[i : min(i + size, stop)],
+                "label": self.evaluation.labels[i : min(i + size, stop)],
             }
-            for i in range(start, stop, self.eval_batch_size)
+            for i in range(start, stop, size)
         )
-        yield from padded_eval_batches(
-            batches, self.eval_batch_size, self.num_eval_batches, self.evaluation.images.shape[1:]
+        yield from batching.padded_eval_batches(
+            batches, size, self.num_eval_batches, self.evaluation.images.shape[1:]
         )

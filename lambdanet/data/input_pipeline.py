@@ -22,7 +22,7 @@ import re
 import numpy as np
 from absl import logging
 
-from lambdanet.data.in_memory import local_batch_size, num_eval_batches, padded_eval_batches
+from lambdanet.data import augment, batching
 
 _MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
 _ENDLESS = 2**62
@@ -217,24 +217,19 @@ def _seed_int(*entropy: int) -> int:
 
 
 class TFDSSource:
-    """Train and eval batches of a TFDS dataset or image folder (see the module docstring)."""
+    """A TFDS dataset or image folder as a `lambdanet.data.Dataset` (see the module docstring)."""
 
-    def __init__(
-        self,
-        config,
-        *,
-        global_batch_size: int,
-        eval_batch_size: int,
-        seed: int,
-        process_index: int,
-        process_count: int,
-    ):
+    def __init__(self, config, batch: batching.Batching):
         self.config = config
-        self.batch_size = local_batch_size(global_batch_size, process_count)
-        self.eval_batch_size = local_batch_size(eval_batch_size, process_count, "eval batch size")
+        self.batch_size = batch.batch_size
+        self.eval_batch_size = batch.local_eval_batch_size
+        process_index, process_count = batch.process_index, batch.process_count
         builder = get_builder(config)
         _, label_key = _supervised_keys(builder)
-        self.class_names = list(builder.info.features[label_key].names)
+        self.class_names = tuple(builder.info.features[label_key].names)
+        self.num_classes = len(self.class_names)
+        self.image_size = config.image_size
+        self.device_preprocess = augment.from_config(config, self.num_classes, crop_on_device=False)
         read = functools.partial(read_split, builder)
         self.train = read(
             config.train_split, config.max_train_examples, process_index, process_count
@@ -252,9 +247,11 @@ class TFDSSource:
         ]
         self.evaluation = eval_shards[process_index]
         self.num_eval_examples = sum(count(ds) for ds in eval_shards)
-        self.num_eval_batches = num_eval_batches(map(count, eval_shards), self.eval_batch_size)
-        self.shuffle_seed = _seed_int(seed, process_index, 0)
-        self.crop_seed = _seed_int(seed, process_index, 1)
+        self.num_eval_batches = batching.num_eval_batches(
+            map(count, eval_shards), self.eval_batch_size
+        )
+        self.shuffle_seed = _seed_int(batch.seed, process_index, 0)
+        self.crop_seed = _seed_int(batch.seed, process_index, 1)
 
     def train_dataset(self, start_step: int = 0):
         """tf.data.Dataset of this process's train batches from `start_step` on (endless)."""
@@ -304,7 +301,7 @@ class TFDSSource:
 
     def eval_iter(self):
         image_shape = (self.config.image_size, self.config.image_size, 3)
-        return padded_eval_batches(
+        return batching.padded_eval_batches(
             self.eval_dataset().as_numpy_iterator(),
             self.eval_batch_size,
             self.num_eval_batches,

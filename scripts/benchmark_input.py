@@ -1,0 +1,204 @@
+r"""Input-pipeline throughput on the host CPU, one JSON line per measurement (no GPU needed).
+
+  # decoders alone: P processes, each decoding + cropping a shard set's records from memory
+  python scripts/benchmark_input.py --shards=DIR --mode=decoders --decoders=simplejpeg,opencv \
+      --processes=1,4,8,16 --sizes=224,128
+  # the whole ArrayRecord loader (Grain workers, batching, shared memory), without a model
+  python scripts/benchmark_input.py --shards=DIR --mode=loader --processes=4,8,15 --sizes=224
+  # the tf.data path (TFDS ImageFolder) on the same images: --folder=ROOT, per-core rate
+  python scripts/benchmark_input.py --folder=ROOT --mode=tf_data --sizes=224
+
+img/s counts training crops (Inception crop, area 8-100%); a small shard set is read over and over
+(its epochs repeat). The model's train step fed by the pipeline against on-device batches is
+`scripts/benchmark.py --input-pipeline`.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lambdanet.data import array_record, decode  # noqa: E402
+
+
+def _records(shards: str, split: str) -> list[bytes]:
+    manifest = array_record.read_manifest(shards)
+    files, _ = array_record.split_files(shards, manifest, split)
+    from array_record.python import array_record_data_source
+
+    source = array_record_data_source.ArrayRecordDataSource(files)
+    return [array_record.decode_record(source[i])[2] for i in range(len(source))]
+
+
+def _decode_for(args):
+    """One process: decode + crop records for `seconds`; returns the count."""
+    shards, split, decoder_name, fast_dct, size, seconds, start_at, seed = args
+    images = _records(shards, split)
+    decoder = decode.Decoder(decoder_name, fast_dct)
+    rng = np.random.default_rng(seed)
+    box_fn = lambda h, w: decode.sample_crop_box(rng, h, w, (0.08, 1.0), (3 / 4, 4 / 3))
+    while time.time() < start_at:
+        time.sleep(0.001)
+    count, stop = 0, start_at + seconds
+    while time.time() < stop:
+        decoder.decode_crop(images[count % len(images)], box_fn, size)
+        count += 1
+    return count
+
+
+def measure_decoders(args) -> None:
+    for decoder_name in args.decoders.split(","):
+        for size in map(int, args.sizes.split(",")):
+            for processes in map(int, args.processes.split(",")):
+                start_at = time.time() + 2.0 + 0.2 * processes  # all start together
+                tasks = [
+                    (
+                        args.shards,
+                        args.split,
+                        decoder_name,
+                        args.fast_dct,
+                        size,
+                        args.seconds,
+                        start_at,
+                        seed,
+                    )
+                    for seed in range(processes)
+                ]
+                with multiprocessing.get_context("spawn").Pool(processes) as pool:
+                    counts = pool.map(_decode_for, tasks)
+                rate = sum(counts) / args.seconds
+                _emit(
+                    dict(
+                        kind="decoders",
+                        decoder=decoder_name,
+                        fast_dct=args.fast_dct,
+                        size=size,
+                        processes=processes,
+                        img_per_s=rate,
+                        img_per_s_per_process=rate / processes,
+                    )
+                )
+
+
+def measure_loader(args) -> None:
+    from lambdanet import data
+
+    for size in map(int, args.sizes.split(",")):
+        for workers in map(int, args.processes.split(",")):
+            config = data.default_dataset_config()
+            config.update(
+                dict(
+                    name="array_record",
+                    path=args.shards,
+                    train_split=args.split,
+                    eval_split=args.split,
+                    image_size=size,
+                    workers=workers,
+                    decoder=args.decoders.split(",")[0],
+                    fast_dct=args.fast_dct,
+                )
+            )
+            ds = data.create_dataset(
+                config, global_batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=0
+            )
+            iterator = ds.train_iter(0)
+            start = time.perf_counter()
+            for _ in range(max(2, workers * 3)):  # start-up, then the workers' buffers
+                next(iterator)
+            startup = time.perf_counter() - start
+            start, steps = time.perf_counter(), 0
+            while time.perf_counter() - start < args.seconds:
+                batch = next(iterator)
+                assert batch["image"].shape == (args.batch_size, size, size, 3)
+                steps += 1
+            elapsed = time.perf_counter() - start
+            iterator.close()
+            _emit(
+                dict(
+                    kind="loader",
+                    decoder=config.decoder,
+                    fast_dct=args.fast_dct,
+                    size=size,
+                    workers=workers,
+                    batch_size=args.batch_size,
+                    img_per_s=steps * args.batch_size / elapsed,
+                    startup_s=startup,
+                )
+            )
+
+
+def measure_tf_data(args) -> None:
+    from lambdanet import data
+
+    for size in map(int, args.sizes.split(",")):
+        config = data.default_dataset_config()
+        config.update(
+            dict(
+                name="image_folder",
+                path=args.folder,
+                train_split=args.split,
+                eval_split=args.split,
+                image_size=size,
+                shuffle_buffer=512,
+            )
+        )
+        ds = data.create_dataset(
+            config, global_batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=0
+        )
+        iterator = ds.train_iter(0)
+        for _ in range(3):
+            next(iterator)
+        start, steps = time.perf_counter(), 0
+        while time.perf_counter() - start < args.seconds:
+            next(iterator)
+            steps += 1
+        rate = steps * args.batch_size / (time.perf_counter() - start)
+        cores = len(os.sched_getaffinity(0))
+        _emit(
+            dict(
+                kind="tf_data",
+                size=size,
+                cores=cores,
+                img_per_s=rate,
+                img_per_s_per_core=rate / cores,
+            )
+        )
+
+
+def _emit(record: dict) -> None:
+    record |= dict(host=platform.node(), cpus=os.cpu_count(), python=platform.python_version())
+    print(json.dumps(record), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=["decoders", "loader", "tf_data"], required=True)
+    parser.add_argument("--shards", help="an ArrayRecord shard set (decoders, loader)")
+    parser.add_argument("--folder", help="an image folder tree ROOT/<split>/<class>/ (tf_data)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--decoders", default="simplejpeg", help=f"comma list of {decode.DECODERS}")
+    parser.add_argument("--no-fast-dct", dest="fast_dct", action="store_false")
+    parser.add_argument("--processes", default="1,4,8,16", help="processes or Grain workers")
+    parser.add_argument("--sizes", default="224,128")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    if (args.mode == "tf_data") != bool(args.folder) or (args.mode != "tf_data") != bool(
+        args.shards
+    ):
+        parser.error("--mode=tf_data takes --folder; the other modes take --shards.")
+    {"decoders": measure_decoders, "loader": measure_loader, "tf_data": measure_tf_data}[args.mode](
+        args
+    )
+
+
+if __name__ == "__main__":
+    main()
