@@ -446,3 +446,18 @@ def test_eval_from_shards_is_exact_on_1_and_8_devices(tiny_config, shards):
     eval1 = train.eval_loop(exp1, state1)
     assert eval8["num_examples"] == eval1["num_examples"] == 6
     assert eval8["loss"] == pytest.approx(eval1["loss"], rel=1e-5)
+
+
+def test_a_tfds_dataset_converts_where_tensorflow_is_installed(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=6):
+        manifest = convert.convert(
+            lambda split: convert.tfds_examples("cifar10", split),
+            {"train": "train", "val": "test"},
+            str(tmp_path),
+            processes=1,
+        )
+    assert len(manifest["class_names"]) == 10
+    assert manifest["splits"]["train"]["counts"] == {"re-encoded PNG RGB": 6}  # cifar10: PNGs
+    ds = data.create_dataset(_config(tmp_path), global_batch_size=6, eval_batch_size=6, seed=0)
+    assert next(ds.train_iter(0))["image"].shape == (6, 32, 32, 3)

@@ -17,13 +17,16 @@ any batch size and process count (`batching.py` holds that shared arithmetic).
 """
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from lambdanet.data import augment, batching, in_memory
+from lambdanet.data import batching, in_memory
+
+if TYPE_CHECKING:  # augment imports JAX, which the ArrayRecord path's workers do without
+    from lambdanet.data import augment
 
 IN_MEMORY_NAMES = ("digits", "in_memory")
 ARRAY_RECORD_NAME = "array_record"
@@ -94,7 +97,7 @@ class Dataset(Protocol):
     image_size: int
     class_names: tuple[str, ...]
     num_eval_batches: int  # per process; every process yields this many eval batches
-    device_preprocess: augment.Augmentation
+    device_preprocess: "augment.Augmentation"
 
     def train_iter(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Endless per-process train batches from global step `start_step` on.
@@ -160,6 +163,8 @@ def create_dataset(
     )
     if config.name in IN_MEMORY_NAMES:
         train, evaluation, class_names = _in_memory_splits(config)
+        from lambdanet.data import augment
+
         augmentation = augment.from_config(config, len(class_names), crop_on_device=True)
         dataset = in_memory.ArraySource(train, evaluation, class_names, batch, augmentation)
     elif config.name == ARRAY_RECORD_NAME:

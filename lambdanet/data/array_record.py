@@ -21,6 +21,7 @@ A record that does not decode (the converter keeps none, but shards may come fro
 replaced by the next record that does, with a warning: deterministic, so resume stays exact.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from lambdanet.data import augment, batching, decode
+from lambdanet.data import batching, decode
 
 FORMAT = "lambdanet-array-record-v1"
 MANIFEST = "manifest.json"
@@ -169,6 +170,10 @@ class ArrayRecordSource:
         self.class_names = tuple(manifest["class_names"])
         self.num_classes = len(self.class_names)
         self.image_size = config.image_size
+        from lambdanet.data import (
+            augment,
+        )  # imports JAX: not at module level, which the workers load
+
         self.device_preprocess = augment.from_config(config, self.num_classes, crop_on_device=False)
         decoder = decode.Decoder(config.decoder, config.fast_dct)
         train = split_files(config.path, manifest, config.train_split)
@@ -180,37 +185,20 @@ class ArrayRecordSource:
         self.num_train_examples = self.train.num_examples
         self.num_eval_examples = self.evaluation.num_examples
         self.num_eval_batches = batch.num_eval_batches(self.num_eval_examples)
+        # What the Grain workers run (small picklable objects: no config, no JAX).
+        self.train_batch = _TrainBatches(
+            self.train,
+            batch,
+            config.image_size,
+            tuple(config.train_crop_area),
+            tuple(config.train_crop_aspect_ratio),
+        )
+        self.eval_batch = _EvalBatches(
+            self.evaluation, batch, config.image_size, config.eval_crop_fraction
+        )
         self.workers = (
             max(1, (os.cpu_count() or 2) - 1) if config.workers is None else config.workers
         )
-
-    def train_batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's part of global train batch `step`: uint8 images, int32 labels."""
-        config, size = self.config, self.image_size
-        positions = self.batching.train_positions(step)
-        indices = batching.stream_indices(positions, self.batching.seed, self.num_train_examples)
-        box_fns = [
-            functools.partial(
-                _random_box,
-                np.random.default_rng([self.batching.seed, 1, int(position)]),
-                tuple(config.train_crop_area),
-                tuple(config.train_crop_aspect_ratio),
-            )
-            for position in positions
-        ]
-        images = np.empty((len(indices), size, size, 3), np.uint8)
-        labels = self.train.decode_into(images, indices, box_fns)
-        return {"image": images, "label": labels}
-
-    def eval_batch(self, index: int) -> dict[str, np.ndarray]:
-        """Eval batch `index` of this process's shard, unpadded (the last may be short)."""
-        start, stop = self.batching.eval_shard(self.num_eval_examples)
-        size = self.batching.local_eval_batch_size
-        indices = np.arange(start + index * size, min(start + (index + 1) * size, stop))
-        box_fn = functools.partial(_center_box, crop_fraction=self.config.eval_crop_fraction)
-        images = np.empty((len(indices), self.image_size, self.image_size, 3), np.uint8)
-        labels = self.evaluation.decode_into(images, indices, [box_fn] * len(indices))
-        return {"image": images, "label": labels}
 
     def _iterate(self, dataset) -> Iterator[dict[str, np.ndarray]]:
         import grain
@@ -245,6 +233,53 @@ class ArrayRecordSource:
             self.num_eval_batches,
             (self.image_size, self.image_size, 3),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainBatches:
+    """step -> this process's part of global train batch `step`: uint8 images, int32 labels."""
+
+    examples: _Examples
+    batching: batching.Batching
+    image_size: int
+    area_range: tuple[float, float]
+    aspect_ratio_range: tuple[float, float]
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        positions = self.batching.train_positions(step)
+        indices = batching.stream_indices(positions, self.batching.seed, self.examples.num_examples)
+        box_fns = [
+            functools.partial(
+                _random_box,
+                np.random.default_rng([self.batching.seed, 1, int(position)]),
+                self.area_range,
+                self.aspect_ratio_range,
+            )
+            for position in positions
+        ]
+        size = self.image_size
+        images = np.empty((len(indices), size, size, 3), np.uint8)
+        labels = self.examples.decode_into(images, indices, box_fns)
+        return {"image": images, "label": labels}
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalBatches:
+    """index -> eval batch `index` of this process's shard, unpadded (the last may be short)."""
+
+    examples: _Examples
+    batching: batching.Batching
+    image_size: int
+    crop_fraction: float
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        start, stop = self.batching.eval_shard(self.examples.num_examples)
+        size = self.batching.local_eval_batch_size
+        indices = np.arange(start + index * size, min(start + (index + 1) * size, stop))
+        box_fn = functools.partial(_center_box, crop_fraction=self.crop_fraction)
+        images = np.empty((len(indices), self.image_size, self.image_size, 3), np.uint8)
+        labels = self.examples.decode_into(images, indices, [box_fn] * len(indices))
+        return {"image": images, "label": labels}
 
 
 def _limit(num_examples: int, max_examples: int | None) -> int:

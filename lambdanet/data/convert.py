@@ -181,7 +181,11 @@ def tfds_examples(name: str, split: str, data_dir: str | None = None):
     builder = input_pipeline.get_builder(_TfdsConfig(name, data_dir))
     _, label_key = input_pipeline._supervised_keys(builder)
     input_pipeline._check_split(builder, split)
-    examples = _TfdsRange(name, data_dir, split, 0, builder.info.splits[split].num_examples)
+    try:
+        num_examples = builder.info.splits[split].num_examples
+    except KeyError:  # no split metadata (TFDS's mock data): count the records
+        num_examples = input_pipeline.count(input_pipeline.read_split(builder, split, None, 0, 1))
+    examples = _TfdsRange(name, data_dir, split, 0, num_examples)
     return examples, list(builder.info.features[label_key].names)
 
 

@@ -20,12 +20,16 @@ import itertools
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from absl import logging
 from PIL import Image
 
-from lambdanet.data import augment, batching, decode
+from lambdanet.data import batching, decode
+
+if TYPE_CHECKING:
+    from lambdanet.data import augment
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -259,7 +263,7 @@ class ArraySource:
         evaluation: ImageArrays,
         class_names: Sequence[str],
         batch: batching.Batching,
-        augmentation: augment.Augmentation,
+        augmentation: "augment.Augmentation",
     ):
         self.train, self.evaluation, self.batching = train, evaluation, batch
         self.class_names = tuple(class_names)
