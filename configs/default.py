@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     # every config takes them on the command line, e.g. --config.model.stem_conv_impl=direct.
     config.model = ml_collections.ConfigDict(
         dict(
-            impl=placeholder(str),  # LambdaLayer: "auto", "einsum", "conv", "rows", "blocked"
+            impl=placeholder(str),  # LambdaLayer: "auto", "einsum", "conv", "rows"
             stem_conv_impl=placeholder(str),  # "space_to_depth" or "direct"
             max_pool_grad=placeholder(str),  # "views" or "scatter"
         )

@@ -59,7 +59,6 @@ LAYER_VARIANTS = {
     "einsum_scores": dict(impl="einsum", position_contraction="scores"),
     "conv": dict(impl="conv"),
     "rows": dict(impl="rows"),
-    "blocked": dict(impl="blocked"),
     "timm": None,
 }
 

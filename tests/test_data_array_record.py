@@ -408,7 +408,7 @@ def _train_config(tiny_config, shards, workers=0):
 
 
 def test_training_from_shards_resumes_exactly(tiny_config, shards, tmp_path, monkeypatch):
-    config = _train_config(tiny_config, shards, workers=2)
+    config = _train_config(tiny_config, shards)  # workers=0: equal batches, tested above
     config.num_train_steps = 6
     config.checkpoint_every_steps = 100  # only the stop and the end save
     full = train.train_and_evaluate(config, str(tmp_path / "full"))

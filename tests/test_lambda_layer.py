@@ -219,35 +219,12 @@ def test_einsum_conv_and_rows_agree_non_square(kwargs):
         np.testing.assert_allclose(other, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
 
 
-BLOCKED_CASES = [
-    # (spatial, d, dict of layer args): tiles that divide the input and tiles that do not
-    ((6, 6), 32, dict(scope_size=3, block_size=3)),
-    ((7, 10), 32, dict(scope_size=5, block_size=4)),
-    ((10, 10), 32, dict(scope_size=7, block_size=2, position_contraction="scores")),
-    ((9, 9), 32, dict(scope_size=5, block_size=4, position_contraction="lambdas", dim_u=2)),
-    ((3, 14), 32, dict(scope_size=3, block_size=4, dim_u=4)),  # tiles taller than the input
-    ((5, 5), 32, dict(scope_size=3, block_size=2, multi_head=True, position_bias=True)),
-]
-
-
-@pytest.mark.parametrize("spatial,d,kwargs", BLOCKED_CASES)
-def test_blocked_matches_naive_reference(spatial, d, kwargs):
-    layer = LambdaLayer(impl="blocked", **kwargs)
-    assert layer._resolve_impl(spatial, masked=False) == "blocked"
-    x = _x((2, *spatial, d))
-    variables = _init(layer, x)
-    got = np.asarray(layer.apply(variables, x))
-    want = naive_lambda_layer(variables, x, layer)
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
-
-
-@pytest.mark.parametrize("impl", ["blocked", "rows"])
-def test_gradients_equal_the_einsum_gradients(impl):
+def test_row_convolution_gradients_equal_the_einsum_gradients():
     x = _x((2, 9, 10, 32))
-    blocked = LambdaLayer(impl=impl, scope_size=5, block_size=4)
-    assert blocked._resolve_impl((9, 10), masked=False) == impl
+    rows = LambdaLayer(impl="rows", scope_size=5)
+    assert rows._resolve_impl((9, 10), masked=False) == "rows"
     einsum = LambdaLayer(impl="einsum", scope_size=5)
-    variables = _init(blocked, x)
+    variables = _init(rows, x)
 
     def grads(layer):
         def loss(params, x):
@@ -256,32 +233,8 @@ def test_gradients_equal_the_einsum_gradients(impl):
 
         return jax.grad(loss, argnums=(0, 1))(variables["params"], x)
 
-    for a, b in zip(jax.tree.leaves(grads(blocked)), jax.tree.leaves(grads(einsum)), strict=True):
+    for a, b in zip(jax.tree.leaves(grads(rows)), jax.tree.leaves(grads(einsum)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
-
-
-def test_blocked_runs_the_plain_einsum_where_a_window_covers_the_input():
-    layer = LambdaLayer(impl="blocked", scope_size=23, block_size=8)  # windows of 30 x 30
-    assert layer._resolve_impl((56, 56), masked=False) == "blocked"
-    assert layer._resolve_impl((30, 30), masked=False) == "einsum"
-    assert layer._resolve_impl((7, 7), masked=False) == "einsum"
-
-
-def test_blocked_rejects_what_it_cannot_tile():
-    for kwargs, shape in [
-        (dict(scope_size=None), (1, 4, 4, 32)),  # global scope
-        (dict(scope_size=3), (1, 16, 32)),  # a sequence
-        (dict(scope_size=3, causal=True), (1, 4, 4, 32)),
-    ]:
-        with pytest.raises(ValueError, match="impl='blocked' tiles images"):
-            _init(LambdaLayer(impl="blocked", **kwargs), jnp.zeros(shape))
-    layer = LambdaLayer(impl="blocked", scope_size=3)
-    x = _x((1, 3, 3, 32))
-    variables = _init(layer, x)
-    with pytest.raises(ValueError, match="takes no mask"):
-        layer.apply(variables, x, mask=np.ones((9, 9), bool))
-    with pytest.raises(ValueError, match="block_size must be positive"):
-        _init(LambdaLayer(impl="blocked", scope_size=3, block_size=0), x)
 
 
 def test_rows_rejects_sequences_and_masks():

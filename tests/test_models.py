@@ -412,31 +412,3 @@ def test_drop_path_schedules():
 def test_registry_entries_describe_their_source():
     assert model_entry("lambda_resnet50_all").paper_params_m == 15.0
     assert model_entry("lambda_resnet420").config["placement"] == "paper"
-
-
-def test_blocked_lambda_layers_give_the_einsum_logits(monkeypatch):
-    from lambdanet.layers.lambda_layer import LambdaLayer
-
-    tiled = []
-    blocked_output = LambdaLayer._position_output_blocked
-
-    def spy(self, queries, *args):
-        tiled.append(queries.shape[1])
-        return blocked_output(self, queries, *args)
-
-    monkeypatch.setattr(LambdaLayer, "_position_output_blocked", spy)
-    tiny = dict(num_classes=10, stage_sizes=(1, 1, 1, 1), base_width=8, scope_size=3)
-    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
-    einsum = create_model("lambda_resnet50_all", impl="einsum", **tiny)
-    blocked = create_model("lambda_resnet50_all", impl="blocked", **tiny)
-    variables = einsum.init(jax.random.key(1), x)
-    want = einsum.apply(variables, x)
-    got = blocked.apply(variables, x)
-    assert tiled == [16 * 16, 16 * 16]  # c2 and c3's block tiled; c4 and c5 too small to tile
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
-
-
-def test_resnet_forwards_block_size_to_its_lambda_layers():
-    tiny = dict(num_classes=10, stage_sizes=(1, 1, 1, 1), base_width=8, scope_size=3)
-    with pytest.raises(ValueError, match="block_size must be positive, got 0"):
-        abstract("lambda_resnet50_all", impl="blocked", block_size=0, **tiny)

@@ -16,7 +16,7 @@ translation equivariant.
 What is covered:
   * content lambda (on/off) and position lambdas (on/off), the ablations of Appendix D.1 (b);
   * local scope r x r (default 23, §4.1) or global scope (relative table covering the input);
-  * two implementations with identical outputs for identical parameters:
+  * three implementations with identical outputs for identical parameters:
       ``einsum`` - E gathered into [n, m, |k|, |u|] (zero outside the scope), Figure 3;
       ``conv``   - the lambda convolution of Appendix B.1: the values are the batch of a convolution
                    with one (|u|) input channel and |k| output channels, kernel [r, r, |u|, |k|];
@@ -25,9 +25,6 @@ What is covered:
                    W·|u| context columns as input channels and the W·|k| query columns as output
                    channels (kernel [r, W·|u|, W·|k|], the gathered E of one row offset each):
                    r·W instead of n context positions a query, in dense matrix-unit shapes;
-      ``blocked`` - the einsum tile by tile (images with a local scope, no mask): queries in
-                   T x T tiles (``block_size``) see only their (T + r - 1)² window of values, one
-                   E [T², (T + r - 1)², |k|, |u|] shared by all tiles, instead of all m positions.
     ``auto`` follows the paper's rule (§4.1 [R]): ``conv`` when n > 85² or |u| > 1, except that
     images from 48² to 85² positions whose local scope spans at most half the rows (and |u| = 1,
     no mask) take ``rows``, measured faster there on an H100 (56x56, r = 23).
@@ -54,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("einsum", "conv", "rows", "blocked", "auto")
+IMPLS = ("einsum", "conv", "rows", "auto")
 KEY_NORMS = ("softmax", "l2", "none")
 KEY_SOFTMAX_AXES = ("m", "mu")
 CONTRACTIONS = ("auto", "lambdas", "scores")
@@ -116,27 +113,6 @@ def gather_position_embeddings(table: jax.Array, spatial_shape: Sequence[int]) -
         raise ValueError(f"position embeddings support 1-D or 2-D inputs, got {spatial_shape}")
     n = math.prod(spatial_shape)
     return embeddings.reshape(n, n, *table.shape[-2:])
-
-
-def _window_one_hot(block: int, side: int) -> np.ndarray:
-    """[T, T + r - 1, r]: 1 where window position c of a tile's query a has offset c - a = s."""
-    offset = np.arange(block + side - 1)[None, :] - np.arange(block)[:, None]  # [T, T + r - 1]
-    return (offset[..., None] == np.arange(side)).astype(np.float32)
-
-
-def tile_position_embeddings(table: jax.Array, block: int) -> jax.Array:
-    """E of one T x T tile against its window: R [r, r, |k|, |u|] -> [T², (T + r - 1)², |k|, |u|].
-
-    Query (a, b) of a tile and position (c, d) of its (T + r - 1)² window (which starts r // 2
-    rows and columns before the tile) have the offset (c - a - r // 2, d - b - r // 2), so
-    E[(a, b), (c, d)] = R[c - a, d - b], zero outside the table; the same for every tile.
-    """
-    side = table.shape[0]
-    one_hot = jnp.asarray(_window_one_hot(block, side), table.dtype)
-    rows = jnp.einsum("acs,stku->actku", one_hot, table)  # [T, T + r - 1, r, |k|, |u|]
-    tile = jnp.einsum("bdt,actku->abcdku", one_hot, rows)
-    window = block + side - 1
-    return tile.reshape(block * block, window * window, *table.shape[-2:])
 
 
 def _check_scope(scope: int) -> None:
@@ -303,9 +279,9 @@ class LambdaLayer(nn.Module):
       heads: |h|, number of queries (paper default 4).
       dim_u: |u|, intra-depth (paper default 1).
       scope_size: odd side r of the local position context, or None for a global scope.
-      impl: "einsum", "conv" (lambda convolution), "rows" (row convolution; images, no mask),
-        "blocked" (tiled einsum; images with a local scope and no mask) or "auto" (the
-        paper's rule, einsum or conv, with rows for large images; see the module docstring).
+      impl: "einsum", "conv" (lambda convolution), "rows" (row convolution; images, no mask)
+        or "auto" (the paper's rule, einsum or conv, with rows for large images; see the module
+        docstring).
       multi_head: the multi-head variant of Appendix B.3 instead of multi-query.
       key_norm: "softmax" (over m), "l2" (over m) or "none".
       key_softmax_axes: "m" or "mu": the axes the key softmax runs over when |u| > 1 [R].
@@ -319,14 +295,9 @@ class LambdaLayer(nn.Module):
       position_contraction: order of the einsum position term: "lambdas" forms the position
         lambdas λ^p [b, n, |k|, |v|] then applies the queries (Figure 3); "scores" forms
         q·E [b, n, |h|, m, |u|] then contracts with the values; "auto" takes the order with the
-        smaller intermediate (memory traffic, not FLOPs, bounds both on a GPU; on an H100,
-        batch 128, |h|=4, |k|=16, forward+backward of the layer: "lambdas" 0.84 ms and
-        "scores" 2.68 ms at 28x28x128; at 14x14x256, where q·E is 0.77x the size of λ^p,
-        0.37 and 0.47 ms, but the hybrid ResNet-50's inference, whose 14x14x256 layers dominate,
-        ran 4% slower with "lambdas" there; 0.21 and 0.17 ms at 7x7x512). Same result either way.
+        smaller intermediate (memory traffic, not FLOPs, bounds both on a GPU; the timings
+        behind the rule are in results/benchmarks.md). Same result either way.
       embedding_init_std: std of the normal init of the relative embeddings E (E.1: 1 [R]).
-      block_size: side T of the query tiles of ``impl="blocked"``, which runs the plain einsum
-        where a tile's window would hold at least n positions (small inputs).
       batch_norm_folded: the variables come from `lambdanet.models.fold_batch_norm` (inference
         only): ``norm_q`` and ``norm_v`` are folded into the columns of ``qkv`` (which then has
         a bias when ``norm_qv``), and the layer runs no BatchNorm.
@@ -351,7 +322,6 @@ class LambdaLayer(nn.Module):
     position_bias: bool = False
     position_contraction: str = "auto"
     embedding_init_std: float = 1.0
-    block_size: int = 8
     batch_norm_folded: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -391,24 +361,14 @@ class LambdaLayer(nn.Module):
             raise ValueError("content=False and position=False leaves nothing to compute")
         if self.multi_head and self.dim_u != 1:
             raise ValueError("multi_head=True supports dim_u=1 only; set dim_u=1")
-        if self.impl == "blocked" and (x.ndim != 4 or self.scope_size is None or self.causal):
-            raise ValueError(
-                "impl='blocked' tiles images [b, H, W, d] with a local scope and no causal mask; "
-                "use impl='einsum' (or 'conv') for sequences, a global scope or masks"
-            )
         if self.impl == "rows" and (x.ndim != 4 or self.causal):
             raise ValueError(
                 "impl='rows' convolves the rows of images [b, H, W, d] and takes no mask; use "
                 "impl='einsum' (or 'conv') for sequences or masks"
             )
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
 
     def _resolve_impl(self, spatial: tuple[int, ...], masked: bool) -> str:
         n = math.prod(spatial)
-        if self.impl == "blocked":  # a window as large as the input: the plain einsum is cheaper
-            window = self.block_size + self.scope_size - 1
-            return "blocked" if window * window < n else "einsum"
         if self.impl != "auto":
             return self.impl
         if masked and not self.causal:
@@ -471,7 +431,7 @@ class LambdaLayer(nn.Module):
                 "impl='conv' supports causal masks only (the mask must be translation "
                 "invariant); use impl='einsum' for an arbitrary context mask"
             )
-        if self.impl in ("blocked", "rows") and mask is not None:
+        if self.impl == "rows" and mask is not None:
             raise ValueError(
                 f"impl={self.impl!r} takes no mask; use impl='einsum' for masked contexts"
             )
@@ -506,8 +466,6 @@ class LambdaLayer(nn.Module):
                 lambdas = position_lambdas(values.reshape(b, *spatial, g, u, v), table, spatial)
                 lambdas = jnp.transpose(lambdas, (0, 3, 1, 4, 2))  # [b, n, g, |k|, |v|]
                 out = out + _apply_lambdas(queries, lambdas)
-            elif impl == "blocked":
-                out = out + self._position_output_blocked(queries, values, table, spatial)
             else:
                 out = out + self._position_output_einsum(queries, values, table, spatial, mask)
             if self.position_bias:
@@ -561,50 +519,6 @@ class LambdaLayer(nn.Module):
         if self.position_contraction != "auto":
             return self.position_contraction == "scores"
         return g * j * m * u < g * k * v  # q·E [g, j, m, |u|] vs λ^p [g, |k|, |v|]
-
-    def _position_output_blocked(self, queries, values, table, spatial) -> jax.Array:
-        """The einsum position term tile by tile: [b, n, g, j, |v|], as `_position_output_einsum`.
-
-        Queries [b, n, g, j, |k|] are cut into T x T tiles (zero-padded to whole tiles); each
-        tile contracts with its (T + r - 1)² window of the zero-padded values, through one
-        E [T², (T + r - 1)², |k|, |u|] for all tiles: (T + r - 1)² context positions per query
-        instead of n.
-        """
-        (height, width), block, side = spatial, self.block_size, table.shape[0]
-        b, _, g, j, k = queries.shape
-        u, v = values.shape[3:]
-        tiles_y, tiles_x = -(-height // block), -(-width // block)
-        pad_y, pad_x = tiles_y * block - height, tiles_x * block - width
-        window = block + side - 1
-        q = queries.reshape(b, height, width, g, j, k)
-        q = jnp.pad(q, ((0, 0), (0, pad_y), (0, pad_x), (0, 0), (0, 0), (0, 0)))
-        q = q.reshape(b, tiles_y, block, tiles_x, block, g, j, k).transpose(0, 1, 3, 2, 4, 5, 6, 7)
-        q = q.reshape(b, tiles_y * tiles_x, block * block, g, j, k)
-        half = side // 2
-        vals = values.reshape(b, height, width, g, u, v)
-        vals = jnp.pad(
-            vals, ((0, 0), (half, half + pad_y), (half, half + pad_x), (0, 0), (0, 0), (0, 0))
-        )
-        windows = jnp.stack(
-            [
-                vals[:, ty * block : ty * block + window, tx * block : tx * block + window]
-                for ty in range(tiles_y)
-                for tx in range(tiles_x)
-            ],
-            axis=1,
-        ).reshape(b, tiles_y * tiles_x, window * window, g, u, v)
-        embeddings = tile_position_embeddings(table, block)  # [T², W², |k|, |u|]
-        if self._use_scores(g, j, k, window * window, u, v):
-            scores = jnp.einsum("btngjk,ncku->btngjcu", q, embeddings)
-            out = jnp.einsum("btngjcu,btcguv->btngjv", scores, windows)
-        else:
-            lambdas = jnp.einsum("ncku,btcguv->btngkv", embeddings, windows)
-            out = _apply_lambdas(q, lambdas)
-        out = out.reshape(b, tiles_y, tiles_x, block, block, g, j, v).transpose(
-            0, 1, 3, 2, 4, 5, 6, 7
-        )
-        out = out.reshape(b, tiles_y * block, tiles_x * block, g, j, v)[:, :height, :width]
-        return out.reshape(b, height * width, g, j, v)
 
     def _position_output_einsum(self, queries, values, table, spatial, mask) -> jax.Array:
         """Σ_m (q_n E_nm) v_m in one of two contraction orders (``position_contraction``).

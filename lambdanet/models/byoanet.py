@@ -123,7 +123,7 @@ class ByoaResNet(nn.Module):
       scope_size: local scope r of the lambda layers (with timm's position bias), or None for a
         global relative table sized from the input (timm's "rpt" ``pos_emb``).
       dim_k, heads: |k| and |h| of the lambda layers.
-      impl: LambdaLayer implementation ("einsum", "conv", "rows", "blocked" or "auto").
+      impl: LambdaLayer implementation ("einsum", "conv", "rows" or "auto").
       drop_path_rate: stochastic depth rate of the last block, linear in the block index
         (timm's ``drop_path_rate``).
       dropout_rate: dropout before the head (timm's ``drop_rate``).

@@ -155,7 +155,7 @@ class ResNet(nn.Module):
       zero_init_last_bn: γ = 0 in the last BatchNorm of every bottleneck (E.1).
       remat: stages whose blocks are rematerialised (``nn.remat``, i.e. jax.checkpoint) in the
         backward pass, e.g. ("c2", "c3") or "all": trades compute for activation memory.
-      dim_k, dim_u, scope_size, impl, block_size, multi_head, key_norm, key_softmax_axes,
+      dim_k, dim_u, scope_size, impl, multi_head, key_norm, key_softmax_axes,
         norm_qv, content, position, embedding_init_std: lambda layer settings (`LambdaLayer`);
         paper defaults |k|=16, |u|=1, scope 23x23, impl "auto" (conv when n > 85² or |u| > 1,
         §4.1 [R]), embeddings N(0, 1) (E.1 [R]; also the shared tables' init).
@@ -189,7 +189,6 @@ class ResNet(nn.Module):
     dim_u: int = 1
     scope_size: int | None = 23
     impl: str = "auto"
-    block_size: int = 8
     multi_head: bool = False
     key_norm: str = "softmax"
     key_softmax_axes: str = "m"
@@ -294,7 +293,6 @@ class ResNet(nn.Module):
                 dim_u=self.dim_u,
                 scope_size=self.scope_size,
                 impl=self.impl,
-                block_size=self.block_size,
                 multi_head=self.multi_head,
                 key_norm=self.key_norm,
                 key_softmax_axes=self.key_softmax_axes,
