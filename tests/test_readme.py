@@ -17,9 +17,9 @@ def test_readme_opens_with_the_two_setup_commands():
     commands = _readme_commands()
     assert len(commands) == 2
     train, test = commands
-    assert "pip install -r requirements.txt" in train
+    assert "pip install -e ." in train  # the package with its declared dependencies
     assert "python -m lambdanet.main --config=configs/demo.py" in train
-    assert "requirements-test.txt" in test and "pytest" in test
+    assert "pip install -e '.[test]'" in test and "pytest" in test
     assert (ROOT / "configs" / "demo.py").exists()
 
 
