@@ -21,6 +21,7 @@ A record that does not decode (the converter keeps none, but shards may come fro
 replaced by the next record that does, with a warning: deterministic, so resume stays exact.
 """
 
+import atexit
 import dataclasses
 import functools
 import json
@@ -211,9 +212,11 @@ class ArrayRecordSource:
             flags.FLAGS.mark_as_parsed()  # (tests, notebooks) their defaults hold
         options = grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2)
         iterator = iter(dataset.to_iter_dataset().mp_prefetch(options))
+        atexit.register(iterator.close)  # stops the workers and frees their shared memory
         try:
             yield from iterator
         finally:
+            atexit.unregister(iterator.close)
             iterator.close()
 
     def train_iter(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
