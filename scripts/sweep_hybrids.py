@@ -6,7 +6,7 @@
 For each placement (default: the config's `hybrid_placements`, every row of the paper's table) it
 trains and evaluates the config with `config.model.placement` set, in WORKDIR/<letters> (a
 finished run is only re-evaluated, an interrupted one resumes), then measures inference
-throughput on synthetic inputs with the protocol of lambdanet/benchmark.py (1,000 classes, the
+throughput on synthetic inputs with the protocol of scripts/benchmark.py (1,000 classes, the
 config's image size and precision). It writes WORKDIR/hybrids.csv and WORKDIR/hybrids.md:
 placement, parameters, inference throughput (images/s) and top-1.
 """
@@ -22,7 +22,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lambdanet import benchmark, train  # noqa: E402
+from lambdanet import train  # noqa: E402
+from scripts import benchmark  # noqa: E402
 
 COLUMNS = ("placement", "params_m", "images_per_sec", "top1")
 HEADERS = ("placement", "params (M)", "inference throughput (images/s)", "top-1 (%)")
@@ -41,7 +42,7 @@ def define_flags() -> None:
 
 
 def measure_throughput(config, placement: str, batch_size: int, steps: int) -> float:
-    """Inference images/s of the config's model with `placement` (`lambdanet.benchmark`)."""
+    """Inference images/s of the config's model with `placement` (`scripts/benchmark.py`)."""
     spec = dict(
         model=config.model_name,
         overrides=dict(config.model.to_dict(), placement=placement),

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from lambdanet import benchmark
+from scripts import benchmark
 
 
 def _records(capsys) -> list[dict]:
