@@ -1,4 +1,4 @@
-"""Base config: the paper's 90-epoch ImageNet recipe (PAPER.md §4.2) for a ResNet-50.
+"""Base config: the paper's 90-epoch ImageNet recipe (Appendix E.2) for a ResNet-50.
 
 Not an experiment by itself (see configs/resnet50.py); other configs start from `get_config()`
 and change a few fields. Every field can be overridden on the command line, e.g.

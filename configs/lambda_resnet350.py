@@ -1,4 +1,4 @@
-"""LambdaResNet-350, 350-epoch recipe (PAPER.md §4.2): Figure 4 / the detailed LambdaResNet
+"""LambdaResNet-350, 350-epoch recipe (Appendix E.2): Figure 4 / the detailed LambdaResNet
 results, with the per-size hyper-parameters of Table 13 [R, low confidence]:
 
     size  (RandAugment 2 layers)

@@ -1,5 +1,5 @@
 """ResNet-50 baseline, 90-epoch recipe: Table 3 row "Conv (He et al., 2016)", 25.6M params,
-76.9% top-1 (PAPER.md §2.1; also the C->C->C->C row of the hybrid table).
+76.9% top-1 (Table 3; also the C->C->C->C row of the hybrid table).
 
     python -m lambdanet.main --config=configs/resnet50.py --workdir=workdir/resnet50 \
         --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS

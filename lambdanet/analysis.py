@@ -5,7 +5,7 @@
 * `flops`: XLA's cost analysis of the compiled inference forward pass. XLA counts a
   multiply-add as 2 FLOPs; the paper's "FLOPS" (and the usual 4.1B of ResNet-50) count
   multiply-adds, i.e. half of this number.
-* `table4_memory_gib`: the "Memory (GB)" column of Table 4 (PAPER.md §2.2), computed from the
+* `table4_memory_gib`: the "Memory (GB)" column of Table 4, computed from the
   architecture: the stage output resolutions n and the number of layers l per stage are read
   off the model (ResNet-50 at 224: n = 56², 28², 14², 7², l = 3, 4, 6, 3), then
     global SA Θ(blhn²), axial SA Θ(blhn√n) (two passes: height and width),

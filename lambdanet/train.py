@@ -1,7 +1,7 @@
 """Training and evaluation of LambdaNetworks: the recipe, top to bottom.
 
 The structure follows flax `examples/imagenet`, with one `jax.jit` train step over a device mesh
-instead of pmap (see `lambdanet.sharding`). The recipe is the paper's (PAPER.md §4.2):
+instead of pmap (see `lambdanet.sharding`). The recipe is the paper's (Appendix E.2):
 
 * SGD with momentum (or Nesterov); learning rate `config.learning_rate * global_batch / 256`
   (linear scaling rule), linear warm-up from 0, then cosine decay to 0; all functions of the step.

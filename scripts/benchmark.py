@@ -75,7 +75,7 @@ def _median_rate(run_steps, *, images_per_step, warmup, windows, steps):
     return statistics.median(rates), rates
 
 
-# Table 4 (PAPER.md §2.2): registry model, row, paper memory (GB), paper inference ex/s on 8 TPUv3
+# Table 4: registry model, row, paper memory (GB), paper inference ex/s on 8 TPUv3
 # cores, and the layer of the analytic memory model (`analysis.table4_memory_gib`).
 TABLE4_ROWS = (
     ("global_sa_resnet50", "Global self-attention", "120", "OOM", "global_sa", {}),

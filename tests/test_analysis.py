@@ -1,4 +1,4 @@
-"""Parameter counts, FLOPs and the Table 4 memory model (PAPER.md §2.2)."""
+"""Parameter counts, FLOPs and the Table 4 memory model (Table 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LambdaLayer against a naive numpy reference written from the paper's equations (PAPER.md §1).
+"""LambdaLayer against a naive numpy reference written from the paper's equations (§3, Figure 3).
 
 For every query position n:  λ_n = Σ_m (softmax(K)_m + e_nm) v_mᵀ,   y_n = concat_h(λ_nᵀ q_n^h).
 """
@@ -302,7 +302,7 @@ def test_position_term_is_translation_equivariant(impl):
     [(64, 16, 4, 1, 23), (512, 16, 4, 1, 23), (256, 16, 4, 4, 7), (128, 8, 8, 1, 23)],
 )
 def test_parameter_count_matches_paper_formula(w, k, h, u, r):
-    """PAPER.md §5: w·k·h + w·k·u + w·v·u + 2·k·h + 2·v·u + r²·k·u."""
+    """docs/reproduction.md: w·k·h + w·k·u + w·v·u + 2·k·h + 2·v·u + r²·k·u."""
     v = w // h
     want = w * k * h + w * k * u + w * v * u + 2 * k * h + 2 * v * u + r * r * k * u
     layer = LambdaLayer(dim_k=k, heads=h, dim_u=u, scope_size=r)

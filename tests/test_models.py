@@ -1,4 +1,4 @@
-"""Model zoo: parameter counts against the paper (PAPER.md §2, §5), shapes, train/eval behaviour.
+"""Model zoo: parameter counts against the paper (§5) and docs/reproduction.md's formula, shapes, train/eval behaviour.
 
 Counts and shapes come from ``jax.eval_shape`` (no initialisation, no compilation), so every
 registered model, LambdaResNet-420 included, is checked in seconds. Train/eval behaviour runs a
@@ -62,7 +62,7 @@ def n_params(name: str, shape=SMALL, **overrides) -> int:
 
 
 def lambda_params(w: int, k: int = 16, h: int = 4, u: int = 1, r: int = 23) -> int:
-    """PAPER.md §5: projections, BN on queries and values, r x r relative embeddings."""
+    """docs/reproduction.md: projections, BN on queries and values, r x r relative embeddings."""
     v = w // h
     return w * k * h + w * k * u + w * v * u + 2 * k * h + 2 * v * u + r * r * k * u
 
@@ -150,7 +150,7 @@ def test_hybrid_counts(placement, paper):
 
 
 @pytest.mark.parametrize(
-    "k, h, u, paper",  # PAPER.md §2.7 (a), the rows the analytic count reproduces
+    "k, h, u, paper",  # Appendix D.1 (a), the rows the analytic count reproduces
     [
         (4, 4, 1, 14.7),
         (8, 4, 1, 14.8),
@@ -232,7 +232,7 @@ def test_embedding_init_std_reaches_every_table(shared):
 
 
 def test_paper_c4_indices_match_the_architecture_table():
-    table = {  # PAPER.md §4.1
+    table = {  # Appendix E.1
         50: (3,),
         101: (6, 12, 18),
         152: (5, 10, 15, 20, 25, 30),

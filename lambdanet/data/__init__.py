@@ -46,7 +46,7 @@ def default_dataset_config() -> ml_collections.ConfigDict:
     data_dir / manual_dir: TFDS data dir; the folder with the ImageNet tars (first run only).
     load_size: side the in-memory path decodes an image folder to; None = image_size /
       eval_crop_fraction (so the eval crop is exactly image_size).
-    randaugment: None, or dict(num_layers=2, magnitude=M) (PAPER.md §4.2, 350-epoch setup).
+    randaugment: None, or dict(num_layers=2, magnitude=M) (Appendix E.2, 350-epoch setup).
     shuffle_buffer, cache: tf.data path only (per-process shuffle buffer; cache encoded records).
     max_train_examples / max_eval_examples: use only the first N examples (tests, smoke runs).
     num_classes: if set, checked against the dataset.

@@ -4,7 +4,7 @@ Images are `[b, H, W, 3]` batches with values in [0, 255] (uint8 or float). Ever
 takes one `jax.Array` key for the whole batch and is deterministic for a fixed key.
 
 * Inception-style random resized crop (Szegedy et al. 2015; the paper's "standard augmentation",
-  PAPER.md §4.2) and the eval resize + center crop (crop fraction 0.875, i.e. 224 of 256).
+  Appendix E.2) and the eval resize + center crop (crop fraction 0.875, i.e. 224 of 256).
 * RandAugment (Cubuk et al. 2020) with the 16 operations and magnitude rules of the reference
   TF implementation that ResNet-RS (and hence the paper's 350-epoch recipe) uses
   (`tensorflow/tpu` `autoaugment.distort_image_with_randaugment`): each layer picks one operation

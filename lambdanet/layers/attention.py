@@ -1,4 +1,4 @@
-"""Self-attention baselines of Tables 3 and 4 (PAPER.md §2.1-2.2) and squeeze-excitation.
+"""Self-attention baselines of Tables 3 and 4 and squeeze-excitation.
 
 Each attention module replaces the 3x3 convolution of a ResNet bottleneck, like the lambda layer:
 input [b, H, W, d], output [b, H, W, d], multi-head with |h| = 8 heads of depth d / |h| by

@@ -1,4 +1,4 @@
-"""Which layer fills the 3x3 slot of each bottleneck: the placement spec (PAPER.md §2.3, §4.1).
+"""Which layer fills the 3x3 slot of each bottleneck: the placement spec (Appendix D.2, E.1).
 
 A placement is resolved against a model's stage sizes into one string of block letters per stage,
 e.g. ``("CCC", "CCCC", "CCLCCC", "LLL")`` for LambdaResNet-50. Letters (`BLOCK_TYPES`):
@@ -30,7 +30,7 @@ BLOCK_TYPES = {
     "S": "local 7x7 relative self-attention",
 }
 
-# Blocks per stage [c2, c3, c4, c5] of the ResNet-RS configurations (PAPER.md §4.1 [C]).
+# Blocks per stage [c2, c3, c4, c5] of the ResNet-RS configurations (Appendix E.1).
 STAGE_SIZES = {
     50: (3, 4, 6, 3),
     101: (3, 4, 23, 3),
@@ -40,7 +40,7 @@ STAGE_SIZES = {
     350: (4, 36, 72, 4),
     420: (4, 44, 87, 4),
 }
-# Lambda layers in c4 of the hybrid LambdaResNets (PAPER.md §4.1, quote [C]).
+# Lambda layers in c4 of the hybrid LambdaResNets (Appendix E.1, quoted).
 PAPER_C4_LAMBDA_COUNTS = {50: 1, 101: 3, 152: 6, 200: 6, 270: 6, 350: 6, 420: 8}
 
 

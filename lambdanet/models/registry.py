@@ -1,4 +1,4 @@
-"""Model registry: one name builds one model, with the paper's settings (PAPER.md §2, §4.1).
+"""Model registry: one name builds one model, with the paper's settings (§5, Appendix E.1).
 
 Two families of lambda models:
   * "table3_4": Tables 3-4, the hybrid table and the D.1 ablations. The plain torchvision

@@ -1,6 +1,6 @@
 """ResNet v1 bottleneck backbones: torchvision ResNet-50, ResNet-D / ResNet-RS, LambdaResNets.
 
-One class, `ResNet`, covers every architecture of the paper (PAPER.md §2, §4.1):
+One class, `ResNet`, covers every architecture of the paper (§5, Appendix E.1):
 
   * the torchvision layout (7x7 stem + max-pool, stride on the 3x3 conv, 1x1 conv + BN projection
     shortcut): ResNet-50 has 25,557,032 parameters, the baseline of Tables 3 and 4;
@@ -158,7 +158,7 @@ class ResNet(nn.Module):
       dim_k, dim_u, scope_size, impl, multi_head, key_norm, key_softmax_axes,
         norm_qv, content, position, embedding_init_std: lambda layer settings (`LambdaLayer`);
         paper defaults |k|=16, |u|=1, scope 23x23, impl "auto" (conv when n > 85² or |u| > 1,
-        §4.1 [R]), embeddings N(0, 1) (E.1 [R]; also the shared tables' init).
+        Appendix E.1, unconfirmed), embeddings N(0, 1) (E.1, unconfirmed; also the shared tables' init).
       heads: |h| of the lambda layers (default 4) and of the attention baselines (default 8).
       shared_embeddings: one relative table per resolution, shared by the lambda layers that run
         at it (Table 4), parameters ``rel_embeddings_stride{4,8,16,32}`` of the model.
