@@ -1,6 +1,7 @@
-"""Conv/lambda hybrid ResNet-50, 90-epoch recipe: the hybrid placement table (Appendix D.2,
-Appendix D.2; its numbers are unconfirmed, docs/reproduction.md). C = 3x3 conv kept, L = lambda layer, per stage c2, c3, c4, c5. The default
-C,C,L,L row: 15.56M params (analytic; the recalled table says 15.4), 78.3% top-1 [R].
+"""Conv/lambda hybrid ResNet-50, 90-epoch recipe: the hybrid placement table (Appendix D.2; its
+numbers are unconfirmed, docs/reproduction.md). C = 3x3 conv kept, L = lambda layer, per stage c2,
+c3, c4, c5. The default C,C,L,L row: 15.56M params (analytic; the table as read says 15.4), 78.3%
+top-1 (unconfirmed).
 
     python -m lambdanet.main --config=configs/hybrid_resnet50.py --workdir=workdir/hybrid_CCLL \
         --config.model.placement=C,C,L,L --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS

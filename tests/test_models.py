@@ -1,4 +1,5 @@
-"""Model zoo: parameter counts against the paper (§5) and docs/reproduction.md's formula, shapes, train/eval behaviour.
+"""Model zoo: parameter counts against the paper (§5) and docs/reproduction.md's formula, shapes,
+train/eval behaviour.
 
 Counts and shapes come from ``jax.eval_shape`` (no initialisation, no compilation), so every
 registered model, LambdaResNet-420 included, is checked in seconds. Train/eval behaviour runs a

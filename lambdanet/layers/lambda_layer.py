@@ -25,10 +25,10 @@ What is covered:
                    W·|u| context columns as input channels and the W·|k| query columns as output
                    channels (kernel [r, W·|u|, W·|k|], the gathered E of one row offset each):
                    r·W instead of n context positions a query, in dense matrix-unit shapes;
-    ``auto`` follows the paper's rule (Appendix E.1, unconfirmed): ``conv`` when n > 85² or |u| > 1, except that
-    images from 48² to 85² positions whose local scope spans at most half the rows (and |u| = 1,
-    no mask) take ``rows``, measured faster there on an H100 (56x56, r = 23).
-  * intra-depth |u| (Appendix B.4) in both implementations;
+    ``auto`` follows the paper's rule (Appendix E.1, unconfirmed): ``conv`` when n > 85² or
+    |u| > 1, except that images from 48² to 85² positions whose local scope spans at most half
+    the rows (and |u| = 1, no mask) take ``rows``, measured faster there (results/benchmarks.md).
+  * intra-depth |u| (Appendix B.4) in every implementation;
   * multi-query (default) or the multi-head variant of Appendix B.3;
   * BatchNorm on queries and values (switchable), key normalisation softmax / l2 / none;
   * shared position embeddings (the caller owns the table and passes ``embeddings=``);
@@ -55,7 +55,7 @@ IMPLS = ("einsum", "conv", "rows", "auto")
 KEY_NORMS = ("softmax", "l2", "none")
 KEY_SOFTMAX_AXES = ("m", "mu")
 CONTRACTIONS = ("auto", "lambdas", "scores")
-_AUTO_CONV_MIN_POSITIONS = 85**2  # Appendix E.1 (unconfirmed): the conv implementation is used when n > 85².
+_AUTO_CONV_MIN_POSITIONS = 85**2  # Appendix E.1 (unconfirmed): conv when n > 85².
 # Measured on an H100 (batch 128, r = 23): the row convolution beat the einsum at 56x56 and lost
 # at 28x28 and below, so `auto` takes it from 48² positions on where the scope covers at most
 # half of the rows (its share of the einsum's products is r / H).

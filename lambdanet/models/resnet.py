@@ -158,7 +158,8 @@ class ResNet(nn.Module):
       dim_k, dim_u, scope_size, impl, multi_head, key_norm, key_softmax_axes,
         norm_qv, content, position, embedding_init_std: lambda layer settings (`LambdaLayer`);
         paper defaults |k|=16, |u|=1, scope 23x23, impl "auto" (conv when n > 85² or |u| > 1,
-        Appendix E.1, unconfirmed), embeddings N(0, 1) (E.1, unconfirmed; also the shared tables' init).
+        Appendix E.1, unconfirmed), embeddings N(0, 1) (E.1, unconfirmed; also the shared
+        tables' init).
       heads: |h| of the lambda layers (default 4) and of the attention baselines (default 8).
       shared_embeddings: one relative table per resolution, shared by the lambda layers that run
         at it (Table 4), parameters ``rel_embeddings_stride{4,8,16,32}`` of the model.
