@@ -88,80 +88,64 @@ def measure_decoders(args) -> None:
                 )
 
 
-def measure_loader(args) -> None:
+def _train_rate(args, warmup_batches: int, **fields) -> tuple[float, float]:
+    """(img/s, start-up seconds) of a dataset config's train batches, without a model."""
     from lambdanet import data
 
+    config = data.default_dataset_config()
+    config.update(dict(train_split=args.split, eval_split=args.split) | fields)
+    ds = data.create_dataset(
+        config, global_batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=0
+    )
+    iterator = ds.train_iter(0)
+    start = time.perf_counter()
+    for _ in range(warmup_batches):
+        next(iterator)
+    startup = time.perf_counter() - start
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < args.seconds:
+        assert next(iterator)["image"].shape[0] == args.batch_size
+        steps += 1
+    rate = steps * args.batch_size / (time.perf_counter() - start)
+    if hasattr(iterator, "close"):
+        iterator.close()
+    return rate, startup
+
+
+def measure_loader(args) -> None:
+    decoder = args.decoders.split(",")[0]
     for size in map(int, args.sizes.split(",")):
         for workers in map(int, args.processes.split(",")):
-            config = data.default_dataset_config()
-            config.update(
-                dict(
-                    name="array_record",
-                    path=args.shards,
-                    train_split=args.split,
-                    eval_split=args.split,
-                    image_size=size,
-                    workers=workers,
-                    decoder=args.decoders.split(",")[0],
-                    fast_dct=args.fast_dct,
-                )
+            rate, startup = _train_rate(
+                args,
+                max(2, workers * 3),  # start-up, then the workers' buffers
+                name="array_record",
+                path=args.shards,
+                image_size=size,
+                workers=workers,
+                decoder=decoder,
+                fast_dct=args.fast_dct,
             )
-            ds = data.create_dataset(
-                config, global_batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=0
-            )
-            iterator = ds.train_iter(0)
-            start = time.perf_counter()
-            for _ in range(max(2, workers * 3)):  # start-up, then the workers' buffers
-                next(iterator)
-            startup = time.perf_counter() - start
-            start, steps = time.perf_counter(), 0
-            while time.perf_counter() - start < args.seconds:
-                batch = next(iterator)
-                assert batch["image"].shape == (args.batch_size, size, size, 3)
-                steps += 1
-            elapsed = time.perf_counter() - start
-            iterator.close()
             _emit(
                 dict(
                     kind="loader",
-                    decoder=config.decoder,
+                    decoder=decoder,
                     fast_dct=args.fast_dct,
                     size=size,
                     workers=workers,
                     batch_size=args.batch_size,
-                    img_per_s=steps * args.batch_size / elapsed,
+                    img_per_s=rate,
                     startup_s=startup,
                 )
             )
 
 
 def measure_tf_data(args) -> None:
-    from lambdanet import data
-
+    cores = len(os.sched_getaffinity(0))
     for size in map(int, args.sizes.split(",")):
-        config = data.default_dataset_config()
-        config.update(
-            dict(
-                name="image_folder",
-                path=args.folder,
-                train_split=args.split,
-                eval_split=args.split,
-                image_size=size,
-                shuffle_buffer=512,
-            )
+        rate, _ = _train_rate(
+            args, 3, name="image_folder", path=args.folder, image_size=size, shuffle_buffer=512
         )
-        ds = data.create_dataset(
-            config, global_batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=0
-        )
-        iterator = ds.train_iter(0)
-        for _ in range(3):
-            next(iterator)
-        start, steps = time.perf_counter(), 0
-        while time.perf_counter() - start < args.seconds:
-            next(iterator)
-            steps += 1
-        rate = steps * args.batch_size / (time.perf_counter() - start)
-        cores = len(os.sched_getaffinity(0))
         _emit(
             dict(
                 kind="tf_data",

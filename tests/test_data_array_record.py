@@ -461,3 +461,18 @@ def test_a_tfds_dataset_converts_where_tensorflow_is_installed(tmp_path):
     assert manifest["splits"]["train"]["counts"] == {"re-encoded PNG RGB": 6}  # cifar10: PNGs
     ds = data.create_dataset(_config(tmp_path), global_batch_size=6, eval_batch_size=6, seed=0)
     assert next(ds.train_iter(0))["image"].shape == (6, 32, 32, 3)
+
+
+def test_input_benchmark_prints_one_json_line_per_measurement(shards):
+    command = [sys.executable, str(REPO / "scripts" / "benchmark_input.py"), f"--shards={shards}"]
+    command += ["--sizes=32", "--seconds=0.5", "--batch-size=6"]
+    for mode, processes in (("decoders", 1), ("loader", 0)):  # loader: decoding in-process
+        out = subprocess.run(
+            [*command, f"--mode={mode}", f"--processes={processes}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        ).stdout
+        (record,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert record["kind"] == mode and record["size"] == 32 and record["img_per_s"] > 0
