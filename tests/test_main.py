@@ -23,7 +23,7 @@ def calls(monkeypatch):
     """Runs `main.main` with flags set (as if parsed), recording its call into `train`."""
     recorded = []
     monkeypatch.setattr(
-        train, "train_and_evaluate", lambda *a, **k: recorded.append(("train", a, k))
+        train, "train_and_evaluate", lambda *a, **k: recorded.append(("train", a, k)) or {}
     )
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: recorded.append(("eval", a, k)))
 
