@@ -19,12 +19,32 @@ from lambdanet.data.in_memory import ArraySource
 from scripts import chaos_resume
 
 
-def test_sigkilled_runs_resume_to_the_uninterrupted_result(tmp_path):
-    summary = chaos_resume.run_chaos(trials=2, seed=1, num_train_steps=16, workdir=tmp_path)
+@pytest.mark.parametrize("corrupt", [False, True], ids=["kill", "kill_and_corrupt"])
+def test_sigkilled_runs_resume_to_the_uninterrupted_result(tmp_path, corrupt):
+    summary = chaos_resume.run_chaos(
+        trials=2, seed=1, num_train_steps=16, workdir=tmp_path, corrupt_checkpoints=corrupt
+    )
     assert summary["trials"] == 2 and summary["runs"] >= 1
+    assert sum(summary["kills_during"].values()) == 2
+    assert summary["kills_during"]["start-up"] == 0  # kills are drawn over the training phase
     assert summary["corrupt_checkpoints_loaded"] == 0
     assert summary["final_param_max_abs_diff"] == 0.0
+    if corrupt:  # every damaged checkpoint was skipped by the restart that found it
+        assert summary["fallbacks"] == sum(summary["corruptions"].values()) >= 1
     assert summary["pass"]
+
+
+def test_kills_are_classified_by_what_the_process_was_doing():
+    startup = "I1201 JAX process 0 of 1\n"
+    training = startup + "I1201 step 4/16 (25.0%), 2.0 steps/s\n"
+    saving = training + "I1201 Saving checkpoint step 4.\n"
+    saved = saving + "I1201 Checkpoint step 4 written, checksums recorded.\n"
+    assert [chaos_resume.phase_at_death(log) for log in (startup, training, saving, saved)] == [
+        "start-up",
+        "training",
+        "save",
+        "training",
+    ]
 
 
 def test_unfinished_save_is_skipped_with_a_warning_for_the_previous_one(
