@@ -253,7 +253,9 @@ def run_chaos(
             kill_after = rng.uniform(0.0, training_duration) if kills < trials else None
             launches += 1
             command = _command(run_dir, num_train_steps)
-            killed, rc, log, _, _ = _launch(command, env, kill_after, root / f"{launches}.log")
+            killed, rc, log, to_training, seconds = _launch(
+                command, env, kill_after, root / f"{launches}.log"
+            )
             summary["resumes"] += bool(_RESUMED.search(log))
             summary["corrupt_checkpoints_loaded"] += _corrupt_resume(log, good)
             if corrupt_checkpoints:
@@ -264,6 +266,8 @@ def run_chaos(
                 continue
             if rc != 0:
                 raise RuntimeError(f"run {run_dir} failed (exit code {rc}):\n{log[-3000:]}")
+            if not complete and to_training is not None:  # a whole run, with a warm cache
+                training_duration = min(training_duration, seconds - to_training)
             break
         summary["runs"] += 1
         diff = max_abs_diff(final_state(run_dir), expected)
