@@ -74,6 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
     # device's shard, with no all-reduce (PyTorch DDP without SyncBatchNorm).
     config.sync_batch_norm = True
     config.skip_nonfinite_steps = False  # False: stop at a NaN/inf loss or gradient
+    # With skip_nonfinite_steps: stop once more than this fraction of the run's steps was skipped.
+    config.max_nonfinite_fraction = 0.05
 
     config.log_every_steps = 100
     config.eval_every_epochs = 1.0  # 0 evaluates at the end only

@@ -15,6 +15,11 @@ every `config.eval_every_epochs` and at the end; `train` skips evaluation; `eval
 checkpoint: the latest in WORKDIR, a step number, or a path (a workdir, its checkpoints
 directory or one step's directory).
 
+Exit status: 0 when the run finished (or was already finished: it is then left unchanged); 75
+(EXIT_STOPPED, sysexits' EX_TEMPFAIL) when SIGTERM/SIGINT stopped it after saving a checkpoint:
+run the same command to resume (a scheduler requeues on it); 1 on an error, whose last line says
+what went wrong and what to do.
+
 Several hosts: start one process per host with `--distributed` (cluster auto-detection: SLURM,
 Open MPI, Cloud TPU, Kubernetes) or with `--coordinator_address=HOST:PORT --num_processes=N
 --process_id=I` (defaults from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
@@ -22,6 +27,7 @@ Open MPI, Cloud TPU, Kubernetes) or with `--coordinator_address=HOST:PORT --num_
 
 import logging as std_logging
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -51,6 +57,24 @@ _PROCESS_ID = flags.DEFINE_integer(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
+EXIT_STOPPED = 75  # stopped by a signal with a checkpoint saved: resume with the same command
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; an override of a field the config lacks names it and the fix."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except AttributeError as error:  # raised by ml_collections while it parses the overrides
+        field = str(error).strip("\"'")
+        given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        named = [a for a in given if a.split(".")[-1] == field] or given
+        sys.exit(
+            f"FATAL Flags parsing error: {', '.join(named)}: the config has no field "
+            f"{field!r}, and --config.FIELD overrides only fields it defines. Set a new field in "
+            f"a config file (e.g. `config.model.{field} = VALUE` in a copy of the config) or "
+            "check the spelling (python -m lambdanet.main --config=FILE --helpfull lists them)."
+        )
+
 
 class _QuietLibraries(std_logging.Filter):
     """Keeps warnings and errors of orbax (which logs every save at INFO), drops its info lines."""
@@ -79,8 +103,12 @@ def main(argv: list[str]) -> None:
     if _MODE.value == "eval":
         train.evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
     else:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, run_eval=_MODE.value != "train")
+        final = train.train_and_evaluate(
+            _CONFIG.value, _WORKDIR.value, run_eval=_MODE.value != "train"
+        )
+        if final.get("stopped_early"):
+            sys.exit(EXIT_STOPPED)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

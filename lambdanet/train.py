@@ -16,12 +16,20 @@ positioned by the step, so a run resumed from a checkpoint is the same as an uni
 
 A step whose loss or gradients are not finite leaves the state unchanged (like
 `optax.apply_if_finite`) and is counted. Training then stops with a message naming the step and
-the last good checkpoint, unless `config.skip_nonfinite_steps` is set.
+the last good checkpoint, unless `config.skip_nonfinite_steps` is set: then every log line with
+new skipped steps warns, and training stops once more than `config.max_nonfinite_fraction` of the
+run's steps were skipped.
+
+A workdir holds one run at a time (`lambdanet.workdir_lock`); a run resumes from the newest
+checkpoint that passes its checksums, writes config.json once the checkpoint matches the config,
+and leaves a finished workdir unchanged.
 """
 
 import contextlib
 import dataclasses
 import functools
+import json
+import math
 import os
 import signal
 import threading
@@ -40,7 +48,7 @@ from flax import linen as nn
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from lambdanet import checkpoint, metric_writers, models, sharding
+from lambdanet import checkpoint, config_checks, metric_writers, models, sharding, workdir_lock
 from lambdanet.data import Dataset, create_dataset
 
 FINAL_METRICS_FILE = "final_metrics.json"
@@ -381,6 +389,7 @@ def create_experiment(
     config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> Experiment:
     """Mesh over `devices` (default all), dataset, model, schedule, initial state, jitted steps."""
+    config_checks.check_config(config)
     mesh = sharding.create_mesh(devices)
     sharding.check_batch_size(config.global_batch_size, mesh, "global_batch_size")
     sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
@@ -479,22 +488,49 @@ def eval_loop(
     return results | {"num_examples": int(total.loss.count)}
 
 
-def _check_finite(state: TrainState, config: ml_collections.ConfigDict, manager: Any) -> None:
-    """Stops training (FloatingPointError) after a non-finite step unless skipping is enabled."""
-    if config.skip_nonfinite_steps or int(state.nonfinite_steps) == 0:
-        return
-    manager.wait_until_finished()
-    last_good = manager.latest_step()
-    kept = (
-        f"the last good checkpoint, step {last_good} in {manager.directory}, is kept"
-        if last_good is not None
-        else "no checkpoint had been saved yet"
-    )
+def _check_finite(
+    state: TrainState,
+    config: ml_collections.ConfigDict,
+    manager: Any,
+    num_train_steps: int,
+    reported: int,
+) -> int:
+    """Stops training (FloatingPointError) after a non-finite step unless skipping is enabled;
+    with skipping, warns about the steps skipped since `reported` of them were, and stops once
+    more than `config.max_nonfinite_fraction` of the run's steps were. Returns the count."""
+    count = int(state.nonfinite_steps)
+    if count == reported:
+        return count
+    first = int(state.first_nonfinite_step) + 1
+    limit = config.max_nonfinite_fraction * num_train_steps
+    if config.skip_nonfinite_steps and count <= limit:
+        logging.warning(
+            "Skipped %d non-finite step(s) up to step %d: %d of the run's %d so far (the first, "
+            "step %d); training stops above %d (config.max_nonfinite_fraction=%g).",
+            count - reported,
+            int(state.step),
+            count,
+            num_train_steps,
+            first,
+            int(limit),
+            config.max_nonfinite_fraction,
+        )
+        return count
+    checkpoint.check_saves(manager, wait=True)
+    kept = checkpoint.last_good(manager)
+    if config.skip_nonfinite_steps:
+        raise FloatingPointError(
+            f"{count} of the first {int(state.step)} steps had a non-finite loss or gradients "
+            f"(the first, step {first}) and were skipped: more than config."
+            f"max_nonfinite_fraction={config.max_nonfinite_fraction} of the run's "
+            f"{num_train_steps} steps. Training stopped and {kept}. Resume with a lower "
+            "--config.learning_rate or with --config.grad_clip_norm (or a larger "
+            "--config.max_nonfinite_fraction)."
+        )
     raise FloatingPointError(
-        f"Non-finite loss or gradients in step {int(state.first_nonfinite_step) + 1} (its update "
-        f"was not applied); training stopped and {kept}. Resume with a lower "
-        "--config.learning_rate or with --config.grad_clip_norm, or pass "
-        "--config.skip_nonfinite_steps=True to skip such steps."
+        f"Non-finite loss or gradients in step {first} (its update was not applied); training "
+        f"stopped and {kept}. Resume with a lower --config.learning_rate or with "
+        "--config.grad_clip_norm, or pass --config.skip_nonfinite_steps=True to skip such steps."
     )
 
 
@@ -541,30 +577,79 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Trains (resuming from WORKDIR/checkpoints if present), evaluates, returns final metrics.
 
-    Writes TensorBoard events, config.json and final_metrics.json to `workdir`; evaluates every
-    `config.eval_every_epochs` and at the end when `run_eval`. SIGTERM/SIGINT stop the run
-    after the current step with a checkpoint; the returned metrics then have 'stopped_early'
-    (and no final_metrics.json is written).
+    Holds the workdir's lock throughout (process 0); writes TensorBoard events, config.json and
+    final_metrics.json to `workdir`; evaluates every `config.eval_every_epochs` and at the end
+    when `run_eval`. SIGTERM/SIGINT stop the run after the current step with a checkpoint; the
+    returned metrics then have 'stopped_early' (and no final_metrics.json is written). A
+    finished workdir (its final step saved, final_metrics.json written) is left unchanged and
+    its final metrics returned, with 'already_finished'.
     """
-    exp = create_experiment(config)
-    _log_experiment(config, exp)
     is_chief = jax.process_index() == 0
-    if is_chief:
-        checkpoint.save_config(workdir, config)
-    manager = checkpoint.create_checkpoint_manager(
-        os.path.join(workdir, checkpoint.CHECKPOINT_DIR), config.keep_checkpoints
-    )
-    writer = metric_writers.create_metric_writer(workdir, write_files=is_chief)
-    try:
-        with stop_requested_by_signal() as stop:
-            final = _train(config, exp, manager, writer, run_eval, stop)
-    finally:
-        manager.close()  # waits for pending asynchronous saves
-        writer.close()
-    if is_chief and not final.get("stopped_early"):
-        metric_writers.write_json(os.path.join(workdir, FINAL_METRICS_FILE), final)
+    with workdir_lock.hold(workdir) if is_chief else contextlib.nullcontext():
+        exp = create_experiment(config)
+        _log_experiment(config, exp)
+        manager = checkpoint.create_checkpoint_manager(
+            os.path.join(workdir, checkpoint.CHECKPOINT_DIR), config.keep_checkpoints
+        )
+        try:
+            state = _initial_state(config, exp, manager)
+            final_path = os.path.join(workdir, FINAL_METRICS_FILE)
+            if int(state.step) >= exp.num_train_steps and os.path.exists(final_path):
+                return _finished(workdir, int(state.step), final_path)
+            if is_chief:
+                checkpoint.save_config(workdir, config)  # the checkpoints match it
+            writer = metric_writers.create_metric_writer(workdir, write_files=is_chief)
+            try:
+                with stop_requested_by_signal() as stop:
+                    final = _train(config, exp, state, manager, writer, run_eval, stop)
+                checkpoint.check_saves(manager, wait=True)
+            finally:
+                writer.close()
+        finally:
+            manager.close()  # waits for pending asynchronous saves
+        if is_chief and not final.get("stopped_early"):
+            _warn_nonfinite(final)
+            metric_writers.write_json(final_path, final)
     logging.info("Final metrics: %s", final)
     return final
+
+
+def _initial_state(config: ml_collections.ConfigDict, exp: Experiment, manager: Any) -> TrainState:
+    """The newest good checkpoint's state if any (checked against the config), else the
+    initial state, with `config.init_from`'s weights if set."""
+    step = checkpoint.resume_step(manager)
+    if step is not None:
+        logging.info("Resuming from step %d in %s.", step, manager.directory)
+        return checkpoint.restore(manager, step, exp.state)
+    if config.init_from:
+        return _init_from(config.init_from, exp.state)
+    return exp.state
+
+
+def _finished(workdir: str, step: int, final_path: str) -> dict[str, Any]:
+    logging.warning(
+        "The run in %s is finished at step %d (final metrics in %s); nothing was changed. "
+        "--mode=eval evaluates it again; a larger --config.num_train_steps (or num_epochs) "
+        "trains on from its last checkpoint.",
+        workdir,
+        step,
+        final_path,
+    )
+    with open(final_path) as f:
+        return json.load(f) | {"already_finished": True}
+
+
+def _warn_nonfinite(final: dict[str, Any]) -> None:
+    """Warns about final metrics that are NaN/inf (the averages over skipped steps)."""
+    bad = sorted(k for k, v in final.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        logging.warning(
+            "Final metrics %s are not finite: %d step(s) had a non-finite loss or gradients and "
+            "were skipped (the first, step %d), and the train averages include them.",
+            bad,
+            final.get("nonfinite_steps", 0),
+            final.get("first_nonfinite_step", -1) + 1,
+        )
 
 
 def _init_from(path: str, state: TrainState) -> TrainState:
@@ -601,18 +686,13 @@ def _evaluate(
 def _train(
     config: ml_collections.ConfigDict,
     exp: Experiment,
+    state: TrainState,
     manager: Any,
     writer: metric_writers.MetricWriter,
     run_eval: bool,
     stop: threading.Event,
 ) -> dict[str, Any]:
-    """The training loop of `train_and_evaluate`."""
-    state = exp.state
-    if manager.latest_step() is not None:
-        logging.info("Resuming from step %d in %s.", manager.latest_step(), manager.directory)
-        state = checkpoint.restore(manager, manager.latest_step(), state)
-    elif config.init_from:
-        state = _init_from(config.init_from, state)
+    """The training loop of `train_and_evaluate`, from `state` on."""
     start_step = int(state.step)
     if start_step == 0:
         writer.write_hparams(checkpoint.config_to_dict(config))
@@ -622,6 +702,7 @@ def _train(
         exp.num_train_steps, config.global_batch_size, start_step
     )
     train_metrics, eval_metrics, summary = None, {}, {}
+    nonfinite = int(state.nonfinite_steps)
     start_time = time.perf_counter()
     for step in range(start_step, exp.num_train_steps):
         state, step_metrics = exp.train_step(state, next(train_iter), exp.rngs)
@@ -629,7 +710,8 @@ def _train(
         done, is_last = step + 1, step + 1 == exp.num_train_steps
         stopping = _should_stop(stop, done)
         if done % config.log_every_steps == 0 or is_last or stopping:
-            _check_finite(state, config, manager)
+            nonfinite = _check_finite(state, config, manager, exp.num_train_steps, nonfinite)
+            checkpoint.check_saves(manager)
             summary = {f"train_{k}": float(v) for k, v in train_metrics.compute().items()}
             summary |= progress(done) | {"nonfinite_steps": int(state.nonfinite_steps)}
             writer.write_scalars(done, summary)
@@ -646,7 +728,7 @@ def _train(
             or stopping
             or done % config.checkpoint_every_steps == 0
         ):
-            _check_finite(state, config, manager)
+            nonfinite = _check_finite(state, config, manager, exp.num_train_steps, nonfinite)
             checkpoint.save(manager, state, config, eval_metrics if evaluated else None)
             stopping = stopping or stop.is_set()  # a signal during the save
         if interrupted or (stopping and not is_last):
@@ -666,6 +748,7 @@ def _train(
             "num_params": count_params(state.params),
             "train_time_sec": time.perf_counter() - start_time,
             "nonfinite_steps": int(state.nonfinite_steps),
+            "first_nonfinite_step": int(state.first_nonfinite_step),
         }
     )
 

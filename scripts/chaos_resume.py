@@ -1,21 +1,29 @@
 """Chaos test of resumption: SIGKILL a small training job at random times, resume, compare.
 
     python scripts/chaos_resume.py --trials=20 --seed=0
+    python scripts/chaos_resume.py --trials=20 --seed=0 --corrupt
 
 Trains the demo config shrunk by flags (a conv ResNet of base width 4 on the digits, 48 steps of
 16, a checkpoint every 4 steps, no evaluation) once without interruption, then again in fresh
-workdirs, each process killed with SIGKILL after a random delay (uniform over the duration of
-a whole run, measured) and restarted with the same command, until `--trials` kills have happened and
-the last run has finished. It checks that
+workdirs, each process killed with SIGKILL and restarted with the same command, until `--trials`
+kills have happened and the last run has finished. Each kill comes a random delay after the
+process logged its first training step, uniform over the training phase of the uninterrupted run
+(start-up, compilation included, is not drawn from), so that kills land during training and
+saves. With `--corrupt`, before every restart the newest complete checkpoint is also damaged at
+random (truncating an array file, flipping 8 bytes of one, or deleting `state/_METADATA`), and
+the restart must fall back to the newest good one. It checks that
 
-* every restart resumed from the latest checkpoint that was complete (orbax-finalised, with
-  all its items) when the previous process died, or started afresh if there was none: else it
-  counts a corrupt checkpoint loaded (a restart killed before it logged either is not judged);
+* every restart resumed from the newest complete, undamaged checkpoint (orbax-finalised, with
+  both items and its checksums) present when it started, or started afresh if there was none:
+  else it counts a corrupt checkpoint loaded (a restart killed before it logged either is not
+  judged);
 * every finished run ends with the same train state (parameters, BatchNorm statistics,
   optimizer state, EMA) as the uninterrupted one, within `--tolerance`;
 
-and prints one JSON line: trials (kills), runs (workdirs trained to the end), resumes,
-kills_during_save (a kill that left an unfinished save behind), corrupt_checkpoints_loaded,
+and prints one JSON line: trials (kills), runs (workdirs trained to the end), resumes, kills
+during start-up / training / a save (from the killed process's log: a save is in progress from
+its "Saving checkpoint step N." line to its "Checkpoint step N written" line), corruptions (by
+kind) and fallbacks (restarts that skipped a damaged checkpoint), corrupt_checkpoints_loaded,
 final_param_max_abs_diff, seconds and pass. The subprocesses share a persistent compilation
 cache and compile with `--xla_backend_optimization_level=0`, so each run takes seconds on CPU.
 """
@@ -54,7 +62,11 @@ OVERRIDES = (
 )
 _RESUMED = re.compile(r"Resuming from step (\d+) in ")
 _PROGRESS = re.compile(r"step \d+/\d+ \(")  # a progress line: training had started
+_SAVING = re.compile(r"Saving checkpoint step (\d+)\.")
+_SAVED = re.compile(r"Checkpoint step (\d+) written")
+_FALLBACK = re.compile(r"Skipping checkpoint step \d+ in ")
 _LAUNCH_TIMEOUT_SEC = 600
+_POLL_SEC = 0.01
 
 
 def _environment(cache_dir: str, devices: int) -> dict[str, str]:
@@ -86,28 +98,80 @@ def _command(workdir: Path, num_train_steps: int) -> list[str]:
 
 
 def _launch(command: list[str], env: dict[str, str], kill_after: float | None, log_path: Path):
-    """Runs `command`, SIGKILLed after `kill_after` seconds if given; returns (killed, rc, log,
-    seconds)."""
+    """Runs `command`; if `kill_after` is given, SIGKILLs it that many seconds after its log
+    shows the first training step. Returns (killed, rc, log, seconds to the first training
+    step or None, seconds)."""
     start = time.perf_counter()
+    training_since = None
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
-        try:
-            process.wait(timeout=kill_after or _LAUNCH_TIMEOUT_SEC)
-            killed = False
-        except subprocess.TimeoutExpired:
+        while process.poll() is None and time.perf_counter() - start < _LAUNCH_TIMEOUT_SEC:
+            now = time.perf_counter()
+            if training_since is None and _PROGRESS.search(log_path.read_text()):
+                training_since = now
+            if kill_after is not None and training_since is not None:
+                if now - training_since >= kill_after:
+                    break
+            time.sleep(_POLL_SEC)
+        killed = process.poll() is None
+        if killed:
             process.send_signal(signal.SIGKILL)
-            process.wait()
-            killed = kill_after is not None
-    return killed, process.returncode, log_path.read_text(), time.perf_counter() - start
+        process.wait()
+    to_training = None if training_since is None else training_since - start
+    return (
+        killed,
+        process.returncode,
+        log_path.read_text(),
+        to_training,
+        time.perf_counter() - start,
+    )
+
+
+def phase_at_death(log: str) -> str:
+    """What a killed process was doing, from its log: 'save' (a save started and not written),
+    'training' (after its first training step) or 'start-up'."""
+    saving = [int(m.group(1)) for m in _SAVING.finditer(log)]
+    saved = {int(m.group(1)) for m in _SAVED.finditer(log)}
+    if saving and saving[-1] not in saved:
+        return "save"
+    return "training" if _PROGRESS.search(log) else "start-up"
 
 
 def complete_steps(directory: Path) -> list[int]:
-    """Steps whose directory orbax has finalised and that hold both items (state, config)."""
+    """Steps whose directory orbax has finalised and that hold both items (state, config) and
+    their checksums."""
     return sorted(
         step
         for step in ocp.path.step.checkpoint_steps(directory)
         if all((directory / str(step) / item).is_dir() for item in ("state", "config"))
+        and (directory / str(step) / checkpoint.CHECKSUM_FILE).is_file()
     )
+
+
+def _array_file(step_dir: Path, rng: random.Random) -> Path:
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    return rng.choice(sorted(files))
+
+
+def corrupt(step_dir: Path, rng: random.Random) -> str:
+    """Damages the checkpoint in `step_dir` at random; returns how ('truncate', 'flip_bytes' or
+    'delete_metadata')."""
+    kind = rng.choice(["truncate", "flip_bytes", "delete_metadata"])
+    if kind == "delete_metadata":
+        (step_dir / "state" / "_METADATA").unlink()
+        return kind
+    path = _array_file(step_dir, rng)
+    size = path.stat().st_size
+    if kind == "truncate":
+        os.truncate(path, rng.randrange(size))
+        return kind
+    with open(path, "r+b") as f:
+        offset = rng.randrange(max(size - 8, 1))
+        f.seek(offset)
+        data = f.read(8)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+    return kind
 
 
 def final_state(workdir: Path) -> dict:
@@ -146,6 +210,7 @@ def run_chaos(
     devices: int = 1,
     tolerance: float = 1e-6,
     workdir: str | None = None,
+    corrupt_checkpoints: bool = False,
 ) -> dict:
     """Runs the chaos test (see the module docstring) in `workdir` (default a temporary one);
     returns the summary."""
@@ -154,37 +219,55 @@ def run_chaos(
     root = Path(workdir or tempfile.mkdtemp(prefix="chaos_resume_"))
     root.mkdir(parents=True, exist_ok=True)
     env = _environment(str(root / "jax_cache"), devices)
-    summary = dict(trials=trials, runs=0, resumes=0, kills_during_save=0)
+    kills_during = {"start-up": 0, "training": 0, "save": 0}
+    summary = dict(trials=trials, runs=0, resumes=0, kills_during=kills_during)
+    if corrupt_checkpoints:
+        summary |= dict(corruptions={}, fallbacks=0)
     summary |= dict(corrupt_checkpoints_loaded=0, final_param_max_abs_diff=0.0)
 
     reference = root / "uninterrupted"
-    _, rc, log, duration = _launch(
+    _, rc, log, to_training, duration = _launch(
         _command(reference, num_train_steps), env, None, root / "ref.log"
     )
-    if rc != 0:
+    if rc != 0 or to_training is None:
         raise RuntimeError(f"the uninterrupted run failed (exit code {rc}):\n{log[-3000:]}")
+    training_duration = duration - to_training
     expected = final_state(reference)
 
     kills, launches = 0, 0
     while kills < trials:
         run_dir = root / f"run{summary['runs']}"
         directory = run_dir / checkpoint.CHECKPOINT_DIR
+        damaged = {}  # step -> inode of the damaged step directory
         while True:
             complete = complete_steps(directory) if directory.is_dir() else []
-            kill_after = rng.uniform(0.0, duration) if kills < trials else None
+            if corrupt_checkpoints and complete and launches and kills:
+                kind = corrupt(directory / str(complete[-1]), rng)
+                summary["corruptions"][kind] = summary["corruptions"].get(kind, 0) + 1
+                damaged[complete[-1]] = (directory / str(complete[-1])).stat().st_ino
+            good = [
+                step
+                for step in complete
+                if damaged.get(step) != (directory / str(step)).stat().st_ino
+            ]
+            kill_after = rng.uniform(0.0, training_duration) if kills < trials else None
             launches += 1
             command = _command(run_dir, num_train_steps)
-            killed, rc, log, seconds = _launch(command, env, kill_after, root / f"{launches}.log")
+            killed, rc, log, to_training, seconds = _launch(
+                command, env, kill_after, root / f"{launches}.log"
+            )
             summary["resumes"] += bool(_RESUMED.search(log))
-            summary["corrupt_checkpoints_loaded"] += _corrupt_resume(log, complete)
+            summary["corrupt_checkpoints_loaded"] += _corrupt_resume(log, good)
+            if corrupt_checkpoints:
+                summary["fallbacks"] += bool(_FALLBACK.search(log))
             if killed:
                 kills += 1
-                summary["kills_during_save"] += bool(checkpoint.unfinished_saves(str(directory)))
+                kills_during[phase_at_death(log)] += 1
                 continue
             if rc != 0:
                 raise RuntimeError(f"run {run_dir} failed (exit code {rc}):\n{log[-3000:]}")
-            if not complete:  # a whole run with a warm compilation cache: kill within its time
-                duration = min(duration, seconds)
+            if not complete and to_training is not None:  # a whole run, with a warm cache
+                training_duration = min(training_duration, seconds - to_training)
             break
         summary["runs"] += 1
         diff = max_abs_diff(final_state(run_dir), expected)
@@ -208,6 +291,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("devices", 1, "CPU devices of each run (the same for all runs).")
     flags.DEFINE_float("tolerance", 1e-6, "Largest final-state difference that passes.")
     flags.DEFINE_string("workdir", None, "Where runs and logs go (default: a temporary dir).")
+    flags.DEFINE_bool("corrupt", False, "Also damage the newest checkpoint before each restart.")
 
 
 def main(argv: list[str]) -> None:
@@ -219,6 +303,7 @@ def main(argv: list[str]) -> None:
         FLAGS.devices,
         FLAGS.tolerance,
         FLAGS.workdir,
+        FLAGS.corrupt,
     )
     print(json.dumps(summary))
     sys.exit(0 if summary["pass"] else 1)

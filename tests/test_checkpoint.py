@@ -130,3 +130,73 @@ def test_init_from_takes_the_weights_of_a_full_checkpoint(workdir):
     assert int(state.step) == 0
     state = train._init_from(str(workdir / "checkpoints" / "5"), _state(0))
     assert float(state.params["conv"]["kernel"][0, 0, 0, 0]) == 5.0
+
+
+def _largest_array_file(step_dir) -> str:
+    files = [os.path.join(r, n) for r, _, names in os.walk(step_dir / "state") for n in names]
+    return max((f for f in files if os.sep + "d" + os.sep in f), key=os.path.getsize)
+
+
+def _truncate(step_dir):
+    path = _largest_array_file(step_dir)
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _flip_bytes(step_dir):
+    path = _largest_array_file(step_dir)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        data = f.read(8)
+        f.seek(-len(data), os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def _random_bytes(step_dir):
+    path = _largest_array_file(step_dir)
+    size = os.path.getsize(path)
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+
+
+def _delete_metadata(step_dir):
+    os.remove(step_dir / "state" / "_METADATA")
+
+
+@pytest.mark.parametrize(
+    "corrupt, reason",
+    [
+        (_truncate, "truncated"),
+        (_flip_bytes, "differs from its SHA-256"),
+        (_random_bytes, "differs from its SHA-256"),
+        (_delete_metadata, "state/_METADATA is missing"),
+    ],
+)
+def test_corrupt_newest_checkpoint_falls_back_to_the_newest_good_one(
+    workdir, corrupt, reason, caplog
+):
+    directory = workdir / checkpoint.CHECKPOINT_DIR
+    assert checkpoint.verify(str(directory / "6")) is None
+    corrupt(directory / "6")
+    assert reason in checkpoint.verify(str(directory / "6"))
+
+    assert checkpoint.resolve_checkpoint(str(workdir))[1] == 5  # eval-only: the latest good
+    assert any(f"Skipping checkpoint step 6 in {directory}: " in m for m in caplog.messages)
+    with pytest.raises(ValueError, match=f"Checkpoint step 6 is corrupt: .*{reason}"):
+        checkpoint.resolve_checkpoint(str(workdir), "6")
+
+    manager = checkpoint.create_checkpoint_manager(directory, 2)
+    assert checkpoint.resume_step(manager) == 5  # and step 6 is deleted, to be saved again
+    restored = checkpoint.restore(manager, 5, _state(0))
+    assert float(restored.params["conv"]["kernel"][0, 0, 0, 0]) == 5.0
+    checkpoint.save(manager, _state(6), CONFIG)
+    manager.close()
+    assert checkpoint.list_steps(str(directory))[-2:] == [5, 6]
+    assert checkpoint.verify(str(directory / "6")) is None
+
+
+def test_checkpoints_without_checksums_load_unverified_with_a_warning(workdir, caplog):
+    directory = workdir / checkpoint.CHECKPOINT_DIR
+    for step in (2, 5, 6):
+        os.remove(directory / str(step) / checkpoint.CHECKSUM_FILE)
+    assert checkpoint.resolve_checkpoint(str(workdir))[1] == 6
+    assert any("have no checksums" in m and "step 6 unverified" in m for m in caplog.messages)

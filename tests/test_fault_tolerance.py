@@ -5,11 +5,13 @@ The NaN/inf stop that keeps the last good checkpoint, SIGTERM resumption and the
 errors are tested in tests/test_train.py; checkpoint mismatches in tests/test_checkpoint.py.
 """
 
+import errno
 import logging
 import os
 import signal
 
 import chex
+import orbax.checkpoint as ocp
 import pytest
 
 from lambdanet import checkpoint, train
@@ -17,12 +19,32 @@ from lambdanet.data.in_memory import ArraySource
 from scripts import chaos_resume
 
 
-def test_sigkilled_runs_resume_to_the_uninterrupted_result(tmp_path):
-    summary = chaos_resume.run_chaos(trials=2, seed=1, num_train_steps=16, workdir=tmp_path)
+@pytest.mark.parametrize("corrupt", [False, True], ids=["kill", "kill_and_corrupt"])
+def test_sigkilled_runs_resume_to_the_uninterrupted_result(tmp_path, corrupt):
+    summary = chaos_resume.run_chaos(
+        trials=2, seed=1, num_train_steps=16, workdir=tmp_path, corrupt_checkpoints=corrupt
+    )
     assert summary["trials"] == 2 and summary["runs"] >= 1
+    assert sum(summary["kills_during"].values()) == 2
+    assert summary["kills_during"]["start-up"] == 0  # kills are drawn over the training phase
     assert summary["corrupt_checkpoints_loaded"] == 0
     assert summary["final_param_max_abs_diff"] == 0.0
+    if corrupt:  # every damaged checkpoint was skipped by the restart that found it
+        assert summary["fallbacks"] == sum(summary["corruptions"].values()) >= 1
     assert summary["pass"]
+
+
+def test_kills_are_classified_by_what_the_process_was_doing():
+    startup = "I1201 JAX process 0 of 1\n"
+    training = startup + "I1201 step 4/16 (25.0%), 2.0 steps/s\n"
+    saving = training + "I1201 Saving checkpoint step 4.\n"
+    saved = saving + "I1201 Checkpoint step 4 written, checksums recorded.\n"
+    assert [chaos_resume.phase_at_death(log) for log in (startup, training, saving, saved)] == [
+        "start-up",
+        "training",
+        "save",
+        "training",
+    ]
 
 
 def test_unfinished_save_is_skipped_with_a_warning_for_the_previous_one(
@@ -76,3 +98,47 @@ def test_image_smaller_than_the_network_stride_fails_before_compiling(tiny_confi
     message = r"image_size=16 is smaller than the network's total stride 32 .* at least 32"
     with pytest.raises(ValueError, match=message):
         train.create_experiment(tiny_config)
+
+
+def test_failed_asynchronous_save_stops_the_run_at_once_with_one_summary_line(
+    tiny_config, tmp_path, monkeypatch
+):
+    """The second save's write fails with ENOSPC in orbax's background thread (injected where
+    the state's files are finalised); the run stops at the next log line, not at the next save."""
+    tiny_config.num_train_steps, tiny_config.checkpoint_every_steps = 32, 8
+    tiny_config.log_every_steps = 1
+    finalize, calls = ocp.StandardCheckpointHandler.finalize, []
+
+    def disk_full_on_the_second_save(self, directory):
+        calls.append(directory)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        return finalize(self, directory)
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "finalize", disk_full_on_the_second_save)
+    fed = []
+    monkeypatch.setattr(
+        ArraySource, "train_iter", _recording(ArraySource.train_iter, fed), raising=True
+    )
+    with pytest.raises(checkpoint.CheckpointSaveError) as error:
+        train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
+    message = str(error.value)
+    assert "\n" not in message
+    assert (
+        f"Saving a checkpoint in {tmp_path / 'checkpoints'} failed: no space left on device"
+        in message
+    )
+    assert "the last good checkpoint, step 8 in " in message and "run the same command" in message
+    assert len(fed) < 24  # stopped before the next save, at step 24
+    assert checkpoint.list_steps(str(tmp_path / "checkpoints")) == [8]
+
+
+def _recording(train_iter, fed):
+    """`train_iter` that appends the index of every batch it yields to `fed`."""
+
+    def wrapped(self, start_step=0):
+        for index, batch in enumerate(train_iter(self, start_step), start_step):
+            fed.append(index)
+            yield batch
+
+    return wrapped

@@ -23,7 +23,7 @@ def calls(monkeypatch):
     """Runs `main.main` with flags set (as if parsed), recording its call into `train`."""
     recorded = []
     monkeypatch.setattr(
-        train, "train_and_evaluate", lambda *a, **k: recorded.append(("train", a, k))
+        train, "train_and_evaluate", lambda *a, **k: recorded.append(("train", a, k)) or {}
     )
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: recorded.append(("eval", a, k)))
 
@@ -44,6 +44,26 @@ def test_modes_and_checkpoint_flag(calls, tmp_path):
     assert calls(workdir=str(tmp_path), mode="train")[2] == {"run_eval": False}
     kind, args, _ = calls(workdir=str(tmp_path), mode="eval", checkpoint="40")
     assert kind == "eval" and args[1:] == (str(tmp_path), "40")
+
+
+def test_run_stopped_by_a_signal_exits_with_the_resume_status(calls, monkeypatch, tmp_path):
+    monkeypatch.setattr(train, "train_and_evaluate", lambda *a, **k: {"stopped_early": True})
+    with pytest.raises(SystemExit) as stopped:
+        calls(workdir=str(tmp_path))
+    assert stopped.value.code == main.EXIT_STOPPED == 75
+
+
+def test_unknown_model_attribute_on_the_command_line_says_how_to_set_it(tmp_path):
+    command = [sys.executable, "-m", "lambdanet.main", f"--config={DEMO}"]
+    command += [f"--workdir={tmp_path}", "--config.model.heads=3"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "FATAL Flags parsing error: --config.model.heads: the config has no field"
+    )
+    assert "`config.model.heads = VALUE` in a copy of the config" in last
+    assert not os.listdir(tmp_path)
 
 
 def test_training_modules_import_without_tensorflow():

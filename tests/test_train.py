@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import logging
 import os
 import re
 import signal
@@ -174,7 +175,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path,
 
 
 def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(
-    tiny_config, tmp_path, monkeypatch
+    tiny_config, tmp_path, monkeypatch, caplog
 ):
     tiny_config.log_every_steps, tiny_config.checkpoint_every_steps = 1, 2
 
@@ -190,9 +191,35 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(
         train.train_and_evaluate(tiny_config, str(tmp_path / "stop"), run_eval=False)
     assert sorted(os.listdir(tmp_path / "stop" / "checkpoints")) == ["2", "4"]
 
-    tiny_config.skip_nonfinite_steps = True
-    final = train.train_and_evaluate(tiny_config, str(tmp_path / "skip"), run_eval=False)
+    tiny_config.skip_nonfinite_steps, tiny_config.max_nonfinite_fraction = True, 0.2
+    with caplog.at_level(logging.WARNING):
+        final = train.train_and_evaluate(tiny_config, str(tmp_path / "skip"), run_eval=False)
     assert final["step"] == 8 and final["nonfinite_steps"] == 1
+    assert any(
+        m.startswith("Skipped 1 non-finite step(s) up to step 5: 1 of the run's 8 so far")
+        for m in caplog.messages
+    ), caplog.messages
+
+
+def test_skipping_nonfinite_steps_stops_above_the_allowed_fraction(
+    tiny_config, tmp_path, monkeypatch
+):
+    tiny_config.log_every_steps, tiny_config.skip_nonfinite_steps = 1, True
+
+    def nan_from_step_2(batch, step):
+        batch = dict(batch, image=batch["image"].astype(np.float32))
+        if step >= 2:
+            batch["image"][:] = np.nan
+        return batch
+
+    _wrap_dataset(monkeypatch, nan_from_step_2)
+    message = (
+        r"1 of the first 3 steps had a non-finite loss .* skipped: more than "
+        r"config.max_nonfinite_fraction=0.05 of the run's 8 steps. Training stopped and no good "
+    )
+    with pytest.raises(FloatingPointError, match=message):
+        train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
+    assert not (tmp_path / train.FINAL_METRICS_FILE).exists()
 
 
 @pytest.mark.parametrize(
@@ -201,12 +228,49 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(
         ("global_batch_size", 12, "global_batch_size=12 is not divisible by the number of devices"),
         ("eval_batch_size", 20, "eval_batch_size=20 is not divisible by the number of devices"),
         ("model_name", "no_such_model", "unknown model 'no_such_model'; registered models: "),
+        ("learning_rate", -0.1, r"config.learning_rate=-0.1: must be a positive number"),
+        ("label_smoothing", 2.0, r"config.label_smoothing=2.0: must be a number in \[0.0, 1.0\)"),
+        ("checkpoint_every_steps", 0, "config.checkpoint_every_steps=0: must be an integer >= 1"),
+        ("log_every_steps", 0, "config.log_every_steps=0: must be an integer >= 1"),
+        ("global_batch_size", 0, "config.global_batch_size=0: must be an integer >= 1"),
+        ("model.impl", "fast", r"config.model.impl='fast': must be one of \('einsum'"),
     ],
 )
-def test_bad_config_fails_before_compiling(tiny_config, field, value, message):
-    tiny_config[field] = value
+def test_bad_config_fails_before_compiling(tiny_config, field, value, message, monkeypatch):
+    monkeypatch.setattr(jax, "jit", None)  # nothing may be compiled before the error
+    if field.startswith("model."):
+        tiny_config.model[field.split(".")[1]] = value
+    else:
+        tiny_config[field] = value
     with pytest.raises(ValueError, match=message):
         train.create_experiment(tiny_config)
+
+
+def test_every_bad_value_is_listed_at_once(tiny_config):
+    tiny_config.momentum, tiny_config.ema_decay, tiny_config.num_epochs = 1.5, -1.0, 0.0
+    tiny_config.num_train_steps = -1
+    with pytest.raises(ValueError, match="3 config value") as error:
+        train.create_experiment(tiny_config)
+    assert "config.momentum=1.5" in str(error.value) and "config.ema_decay=-1.0" in str(error.value)
+    assert "set num_train_steps > 0 or num_epochs > 0" in str(error.value)
+
+
+def test_finished_workdir_is_left_unchanged_and_another_model_keeps_its_config(
+    tiny_config, tmp_path, caplog
+):
+    train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
+    files = {name: (tmp_path / name).read_bytes() for name in ("config.json", "final_metrics.json")}
+
+    again = train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
+    assert again["already_finished"] and again["step"] == 8 and "train_loss" in again
+    assert any(f"The run in {tmp_path} is finished at step 8" in m for m in caplog.messages)
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+
+    tiny_config.model.base_width = 8
+    tiny_config.num_train_steps = 12
+    with pytest.raises(ValueError, match="does not match the model"):
+        train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
+    assert (tmp_path / "config.json").read_bytes() == files["config.json"]
 
 
 def _all_reduces(exp: train.Experiment, batch) -> int:
