@@ -175,3 +175,19 @@ def test_imagenette_through_image_folder():
     batch = next(ds.train_iter(0))
     assert batch["image"].shape == (4, 64, 64, 3) and batch["image"].std() > 10
     assert [int(b["mask"].sum()) for b in ds.eval_iter()] == [8]
+
+
+def test_bad_files_are_counted_once_per_epoch_and_eval_pass(tmp_path, caplog):
+    write_bad_folder(tmp_path)  # 6 files in train/: 2 fail to decode
+    config = _config(name="image_folder", path=str(tmp_path), eval_split="train", image_size=8)
+    ds = data.create_dataset(config, global_batch_size=2, eval_batch_size=4, seed=0)
+    with caplog.at_level("WARNING"):
+        list(ds.eval_iter())
+        iterator = ds.train_iter(0)
+        batches = [next(iterator) for _ in range(5)]  # 10 examples: two epochs of 4, and more
+    assert all(set(b) == {"image", "label"} for b in batches)
+    lines = [r.getMessage() for r in caplog.records if "failed to decode" in r.getMessage()]
+    assert len(lines) == 3, lines  # the eval pass, epochs 0 and 1
+    assert "eval split 'train': 2 files failed to decode in this pass" in lines[0]
+    assert "train split 'train': 2 files failed to decode in epoch 0" in lines[1]
+    assert "in epoch 1" in lines[2]

@@ -12,8 +12,10 @@ training stream is the concatenation of epochs of that slice, epoch e shuffled (
 `shuffle_buffer`) with a seed from (seed, process, e); example j of the stream is cropped with the
 stateless seed (seed, process, j). `train_iter(k)` starts at element k B of that stream: it skips
 the first k B mod n records of the epoch it starts in (reading them, not decoding them). Files that
-fail to decode are skipped with a warning (`ignore_errors`); after such a skip a resumed run starts
-at a slightly different batch boundary. `scripts/make_arrays.py` writes a clean array file instead.
+fail to decode are skipped (`ignore_errors`) and counted in one warning per epoch (train) or per
+pass (eval); after such a skip a resumed run starts at a slightly different batch boundary, so
+resume is exact only while no file fails to decode. `scripts/convert_to_array_record.py` writes a
+clean, checked shard set instead.
 """
 
 import functools
@@ -246,6 +248,7 @@ class TFDSSource:
             for p in range(process_count)
         ]
         self.evaluation = eval_shards[process_index]
+        self.num_local_eval_examples = count(self.evaluation)
         self.num_eval_examples = sum(count(ds) for ds in eval_shards)
         self.num_eval_batches = batching.num_eval_batches(
             map(count, eval_shards), self.eval_batch_size
@@ -276,9 +279,10 @@ class TFDSSource:
                 tuple(config.train_crop_area),
                 tuple(config.train_crop_aspect_ratio),
             )
-            return {"image": image, "label": label}
+            return {"image": image, "label": label, "position": index}
 
-        ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+        # Undecodable files are dropped here and counted by `train_iter` from the gaps they leave.
+        ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=False)
         return ds.batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
     def eval_dataset(self):
@@ -293,20 +297,51 @@ class TFDSSource:
             },
             num_parallel_calls=tf.data.AUTOTUNE,
         )
-        ds = ds.ignore_errors(log_warning=True)
+        ds = ds.ignore_errors(log_warning=False)  # counted by `eval_iter`
         return ds.batch(self.eval_batch_size).prefetch(tf.data.AUTOTUNE)
 
     def train_iter(self, start_step: int = 0):
-        return self.train_dataset(start_step).as_numpy_iterator()
+        """Train batches; one warning per epoch counts the files that failed to decode."""
+        n, expected, skipped = self.num_local_train_examples, start_step * self.batch_size, 0
+        epoch = expected // n
+        for batch in self.train_dataset(start_step).as_numpy_iterator():
+            for position in batch.pop("position").tolist():
+                if position // n != epoch:  # the first example of a new epoch: report the last
+                    skipped += (epoch + 1) * n - expected
+                    self._report_skipped(skipped, "train", f"epoch {epoch}")
+                    epoch, expected, skipped = position // n, (position // n) * n, 0
+                skipped += position - expected
+                expected = position + 1
+            yield batch
 
     def eval_iter(self):
         image_shape = (self.config.image_size, self.config.image_size, 3)
+        counted = []
+
+        def counting(batches):
+            for batch in batches:
+                counted.append(len(batch["label"]))
+                yield batch
+            self._report_skipped(self.num_local_eval_examples - sum(counted), "eval", "this pass")
+
         return batching.padded_eval_batches(
-            self.eval_dataset().as_numpy_iterator(),
+            counting(self.eval_dataset().as_numpy_iterator()),
             self.eval_batch_size,
             self.num_eval_batches,
             image_shape,
         )
+
+    def _report_skipped(self, count: int, split: str, when: str) -> None:
+        if count > 0:
+            logging.warning(
+                "%s split %r: %d files failed to decode in %s and were skipped (%s); "
+                "scripts/convert_to_array_record.py or scripts/make_arrays.py writes a clean copy.",
+                split,
+                self.config.train_split if split == "train" else self.config.eval_split,
+                count,
+                when,
+                self.config.path or self.config.name,
+            )
 
 
 def encoded_examples(config, split: str, max_examples: int | None = None):
