@@ -292,6 +292,14 @@ def test_missing_or_half_written_shard_sets_name_the_command(shards, tmp_path):
     )
     with pytest.raises((ValueError, RuntimeError)):
         data.create_dataset(_config(copy), global_batch_size=2, eval_batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="config.dataset.decoder='turbo': use one of"):
+        data.create_dataset(
+            _config(shards, decoder="turbo"), global_batch_size=2, eval_batch_size=2, seed=0
+        )
+    with pytest.raises(ValueError, match="config.dataset.workers=-1: use a count >= 0"):
+        data.create_dataset(
+            _config(shards, workers=-1), global_batch_size=2, eval_batch_size=2, seed=0
+        )
     with pytest.raises(ValueError, match="Split 'test' is not in the shard set"):
         data.create_dataset(
             _config(shards, eval_split="test"), global_batch_size=2, eval_batch_size=2, seed=0

@@ -166,6 +166,17 @@ class ArrayRecordSource:
                 "name='array_record' needs --config.dataset.path=DIR, a shard set written by "
                 f"`{CONVERT_COMMAND}`."
             )
+        if config.decoder not in decode.DECODERS:
+            raise ValueError(
+                f"config.dataset.decoder={config.decoder!r}: use one of {decode.DECODERS}."
+            )
+        if config.workers is not None and (
+            not isinstance(config.workers, int) or config.workers < 0
+        ):
+            raise ValueError(
+                f"config.dataset.workers={config.workers!r}: use a count >= 0 (0 decodes in the "
+                "training process) or leave it unset for one per core less one."
+            )
         manifest = read_manifest(config.path)
         self.config, self.batching = config, batch
         self.class_names = tuple(manifest["class_names"])
