@@ -20,6 +20,10 @@ Exit status: 0 when the run finished (or was already finished: it is then left u
 run the same command to resume (a scheduler requeues on it); 1 on an error, whose last line says
 what went wrong and what to do.
 
+Compiled programs are cached in `--compilation_cache` (default $JAX_COMPILATION_CACHE_DIR or
+~/.cache/lambdanet/jax; '' turns it off); the log says whether the train step was compiled or
+loaded, and how long its first step took.
+
 Several hosts: start one process per host with `--distributed` (cluster auto-detection: SLURM,
 Open MPI, Cloud TPU, Kubernetes) or with `--coordinator_address=HOST:PORT --num_processes=N
 --process_id=I` (defaults from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
@@ -54,6 +58,13 @@ _PROCESS_ID = flags.DEFINE_integer(
     "process_id",
     int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None,
     "This process's index.",
+)
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    or os.path.join(os.path.expanduser("~"), ".cache", "lambdanet", "jax"),
+    "JAX's persistent compilation cache: a resumed run, an eval-only run and the n-th run of a "
+    "sweep load their compiled programs from it. '' turns it off.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -90,6 +101,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QUIET_LIBRARIES)
+    if _COMPILATION_CACHE.value:
+        jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
     if _DISTRIBUTED.value or _COORDINATOR.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info(

@@ -705,7 +705,10 @@ def _train(
     nonfinite = int(state.nonfinite_steps)
     start_time = time.perf_counter()
     for step in range(start_step, exp.num_train_steps):
-        state, step_metrics = exp.train_step(state, next(train_iter), exp.rngs)
+        if step == start_step:
+            state, step_metrics = _first_train_step(config, exp, state, next(train_iter))
+        else:
+            state, step_metrics = exp.train_step(state, next(train_iter), exp.rngs)
         train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
         done, is_last = step + 1, step + 1 == exp.num_train_steps
         stopping = _should_stop(stop, done)
@@ -751,6 +754,30 @@ def _train(
             "first_nonfinite_step": int(state.first_nonfinite_step),
         }
     )
+
+
+def _first_train_step(config, exp: Experiment, state: TrainState, batch) -> tuple:
+    """The first step of a run, with a console line before and after: it compiles the train step
+    or loads it from JAX's persistent compilation cache, which can take minutes for deep models."""
+    cache_dir = jax.config.jax_compilation_cache_dir
+    cached = _cache_entries(cache_dir)
+    logging.info(
+        "Compiling the train step for %s (or loading it from the compilation cache %s) ...",
+        config.model_name,
+        cache_dir or "(off)",
+    )
+    start = time.perf_counter()
+    state, step_metrics = exp.train_step(state, batch, exp.rngs)
+    jax.block_until_ready(step_metrics)
+    how = "compiled"
+    if cache_dir:
+        how = "compiled and cached" if _cache_entries(cache_dir) > cached else "loaded from cache"
+    logging.info("Train step %s; the first step took %.1f s.", how, time.perf_counter() - start)
+    return state, step_metrics
+
+
+def _cache_entries(cache_dir: str | None) -> int:
+    return len(os.listdir(cache_dir)) if cache_dir and os.path.isdir(cache_dir) else 0
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint_ref: str = "") -> dict:
