@@ -166,10 +166,6 @@ class ArrayRecordSource:
                 "name='array_record' needs --config.dataset.path=DIR, a shard set written by "
                 f"`{CONVERT_COMMAND}`."
             )
-        if config.decoder not in decode.DECODERS:
-            raise ValueError(
-                f"config.dataset.decoder={config.decoder!r}: use one of {decode.DECODERS}."
-            )
         if config.workers is not None and (
             not isinstance(config.workers, int) or config.workers < 0
         ):
@@ -177,17 +173,16 @@ class ArrayRecordSource:
                 f"config.dataset.workers={config.workers!r}: use a count >= 0 (0 decodes in the "
                 "training process) or leave it unset for one per core less one."
             )
+        decoder = decode.Decoder(config.decoder, config.fast_dct)  # checks the name first
         manifest = read_manifest(config.path)
         self.config, self.batching = config, batch
         self.class_names = tuple(manifest["class_names"])
         self.num_classes = len(self.class_names)
         self.image_size = config.image_size
-        from lambdanet.data import (
-            augment,
-        )  # imports JAX: not at module level, which the workers load
+        # augment imports JAX: not at module level, which the Grain workers load.
+        from lambdanet.data import augment
 
         self.device_preprocess = augment.from_config(config, self.num_classes, crop_on_device=False)
-        decoder = decode.Decoder(config.decoder, config.fast_dct)
         train = split_files(config.path, manifest, config.train_split)
         evaluation = split_files(config.path, manifest, config.eval_split)
         self.train = _Examples(train[0], _limit(train[1], config.max_train_examples), decoder)
@@ -290,7 +285,7 @@ class _EvalBatches:
         start, stop = self.batching.eval_shard(self.examples.num_examples)
         size = self.batching.local_eval_batch_size
         indices = np.arange(start + index * size, min(start + (index + 1) * size, stop))
-        box_fn = functools.partial(_center_box, crop_fraction=self.crop_fraction)
+        box_fn = functools.partial(decode.center_crop_box, crop_fraction=self.crop_fraction)
         images = np.empty((len(indices), self.image_size, self.image_size, 3), np.uint8)
         labels = self.examples.decode_into(images, indices, [box_fn] * len(indices))
         return {"image": images, "label": labels}
@@ -302,7 +297,3 @@ def _limit(num_examples: int, max_examples: int | None) -> int:
 
 def _random_box(rng, area_range, aspect_ratio_range, height, width):
     return decode.sample_crop_box(rng, height, width, area_range, aspect_ratio_range)
-
-
-def _center_box(height, width, crop_fraction):
-    return decode.center_crop_box(height, width, crop_fraction)

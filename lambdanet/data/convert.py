@@ -241,21 +241,23 @@ def prepare_image(data: bytes, max_side: int | None, quality: int) -> tuple[byte
 
     if not data:
         return None, "skipped empty file"
+    rgb, done = None, None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if colorspace in ("YCbCr", "Gray"):
-            simplejpeg.decode_jpeg(data, "RGB", strict=True)  # the whole file decodes cleanly
+            rgb = simplejpeg.decode_jpeg(data, "RGB", strict=True)  # the whole file decodes
             if max_side is None or min(height, width) <= max_side:
                 return data, "kept"
-            image, done = None, "resized"
+            done = "resized"
         else:
-            image, done = None, f"re-encoded {colorspace} JPEG"
+            done = f"re-encoded {colorspace} JPEG"
     except ValueError:
-        image, done = None, None
-    try:
-        rgb = decode.pillow_decode(data)
-    except decode.DecodeError:
-        return None, "skipped corrupt or truncated file"
+        pass
+    if rgb is None:  # not a JPEG libjpeg-turbo decodes cleanly to RGB: Pillow's turn
+        try:
+            rgb = decode.pillow_decode(data)
+        except decode.DecodeError:
+            return None, "skipped corrupt or truncated file"
     if done is None:
         with Image.open(io.BytesIO(data)) as header:
             done = f"re-encoded {header.format} {header.mode}"

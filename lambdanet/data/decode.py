@@ -130,7 +130,7 @@ class Decoder:
 
     def __init__(self, name: str = "simplejpeg", fast_dct: bool = True):
         if name not in DECODERS:
-            raise ValueError(f"decoder={name!r} is not one of {DECODERS}.")
+            raise ValueError(f"config.dataset.decoder={name!r}: use one of {DECODERS}.")
         self.name, self.fast_dct = name, fast_dct
         if name in ("simplejpeg", "opencv"):
             import cv2
