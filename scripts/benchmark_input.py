@@ -7,6 +7,8 @@ r"""Input-pipeline throughput on the host CPU, one JSON line per measurement (no
   python scripts/benchmark_input.py --shards=DIR --mode=loader --processes=4,8,15 --sizes=224
   # the tf.data path (TFDS ImageFolder) on the same images: --folder=ROOT, per-core rate
   python scripts/benchmark_input.py --folder=ROOT --mode=tf_data --sizes=224
+  # the peer: torchvision ImageFolder + DataLoader (timm's loader: PIL decode, RandomResizedCrop)
+  python scripts/benchmark_input.py --folder=ROOT --mode=torch --processes=15 --sizes=224
 
 img/s counts training crops (Inception crop, area 8-100%); a small shard set is read over and over
 (its epochs repeat). The model's train step fed by the pipeline against on-device batches is
@@ -14,6 +16,7 @@ img/s counts training crops (Inception crop, area 8-100%); a small shard set is 
 """
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -88,6 +91,24 @@ def measure_decoders(args) -> None:
                 )
 
 
+def _steady_rate(batches, args, warmup_batches: int, buffered: int) -> tuple[float, float]:
+    """(img/s, start-up seconds): `warmup_batches` taken (start-up), then the `buffered` batches
+    the workers hold ready (they would inflate a short window), then batches for `seconds`."""
+    start = time.perf_counter()
+    for _ in range(warmup_batches):
+        next(batches)
+    startup = time.perf_counter() - start
+    for _ in range(buffered):
+        next(batches)
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < args.seconds:
+        steps += 1
+        images = next(batches)
+        images = images["image"] if isinstance(images, dict) else images[0]
+        assert images.shape[0] == args.batch_size
+    return steps * args.batch_size / (time.perf_counter() - start), startup
+
+
 def _train_rate(args, warmup_batches: int, **fields) -> tuple[float, float]:
     """(img/s, start-up seconds) of a dataset config's train batches, without a model."""
     from lambdanet import data
@@ -98,15 +119,9 @@ def _train_rate(args, warmup_batches: int, **fields) -> tuple[float, float]:
         config, global_batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=0
     )
     iterator = ds.train_iter(0)
-    start = time.perf_counter()
-    for _ in range(warmup_batches):
-        next(iterator)
-    startup = time.perf_counter() - start
-    start, steps = time.perf_counter(), 0
-    while time.perf_counter() - start < args.seconds:
-        assert next(iterator)["image"].shape[0] == args.batch_size
-        steps += 1
-    rate = steps * args.batch_size / (time.perf_counter() - start)
+    rate, startup = _steady_rate(
+        iterator, args, warmup_batches, buffered=2 * fields.get("workers", 0)
+    )
     if hasattr(iterator, "close"):
         iterator.close()
     return rate, startup
@@ -157,6 +172,53 @@ def measure_tf_data(args) -> None:
         )
 
 
+def measure_torch(args) -> None:
+    """torchvision's ImageFolder in a DataLoader, as timm's and torchvision's ImageNet recipes
+    read images: Pillow decode, RandomResizedCrop(size) and a horizontal flip in each worker,
+    uint8 CHW tensors (normalisation would run on the GPU)."""
+    import torch
+    from torchvision import datasets, transforms
+
+    for size in map(int, args.sizes.split(",")):
+        transform = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(size),
+                transforms.RandomHorizontalFlip(),
+                transforms.PILToTensor(),
+            ]
+        )
+        folder = datasets.ImageFolder(os.path.join(args.folder, args.split), transform=transform)
+        # A small folder repeated, so that an epoch holds enough batches for every worker.
+        repeats = -(-args.batch_size * 64 // len(folder))
+        folder = torch.utils.data.ConcatDataset([folder] * repeats)
+        for workers in map(int, args.processes.split(",")):
+            loader = torch.utils.data.DataLoader(
+                folder,
+                batch_size=args.batch_size,
+                shuffle=True,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                drop_last=True,
+            )
+
+            rate, startup = _steady_rate(
+                itertools.chain.from_iterable(itertools.repeat(loader)),  # epoch after epoch
+                args,
+                max(2, workers * 2),
+                buffered=2 * workers,  # prefetch_factor=2
+            )
+            _emit(
+                dict(
+                    kind="torch_dataloader",
+                    size=size,
+                    workers=workers,
+                    batch_size=args.batch_size,
+                    img_per_s=rate,
+                    startup_s=startup,
+                )
+            )
+
+
 def _emit(record: dict) -> None:
     record |= dict(host=platform.node(), cpus=os.cpu_count(), python=platform.python_version())
     print(json.dumps(record), flush=True)
@@ -164,9 +226,11 @@ def _emit(record: dict) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=["decoders", "loader", "tf_data"], required=True)
+    parser.add_argument("--mode", choices=["decoders", "loader", "tf_data", "torch"], required=True)
     parser.add_argument("--shards", help="an ArrayRecord shard set (decoders, loader)")
-    parser.add_argument("--folder", help="an image folder tree ROOT/<split>/<class>/ (tf_data)")
+    parser.add_argument(
+        "--folder", help="an image folder tree ROOT/<split>/<class>/ (tf_data, torch)"
+    )
     parser.add_argument("--split", default="train")
     parser.add_argument("--decoders", default="simplejpeg", help=f"comma list of {decode.DECODERS}")
     parser.add_argument("--no-fast-dct", dest="fast_dct", action="store_false")
@@ -175,13 +239,16 @@ def main():
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
-    if (args.mode == "tf_data") != bool(args.folder) or (args.mode != "tf_data") != bool(
-        args.shards
-    ):
-        parser.error("--mode=tf_data takes --folder; the other modes take --shards.")
-    {"decoders": measure_decoders, "loader": measure_loader, "tf_data": measure_tf_data}[args.mode](
-        args
+    folder_mode = args.mode in ("tf_data", "torch")
+    if folder_mode != bool(args.folder) or (not folder_mode) != bool(args.shards):
+        parser.error("--mode=tf_data and --mode=torch take --folder; the others take --shards.")
+    measure = dict(
+        decoders=measure_decoders,
+        loader=measure_loader,
+        tf_data=measure_tf_data,
+        torch=measure_torch,
     )
+    measure[args.mode](args)
 
 
 if __name__ == "__main__":
