@@ -41,12 +41,22 @@ def get_config() -> ml_collections.ConfigDict:
     """The 90-epoch recipe with `resnet50` on TFDS imagenet2012."""
     config = ml_collections.ConfigDict()
     config.model_name = "resnet50"
-    # Overrides of the registry model's attributes (lambdanet.models.ResNet / ByoaResNet), e.g.
-    # dropout_rate. The implementation choices are declared unset (None: the model's default), so
-    # every config takes them on the command line, e.g. --config.model.stem_conv_impl=direct.
+    # Overrides of the registry model's attributes (lambdanet.models.ResNet), e.g. dropout_rate;
+    # `lambda_layer` updates the model's lambda-layer settings (LambdaLayer's attributes). The
+    # fields below are declared unset (None: the model's own value), so that every config takes
+    # them on the command line, e.g. --config.model.lambda_layer.scope_size=9.
     config.model = ml_collections.ConfigDict(
         dict(
-            impl=placeholder(str),  # LambdaLayer: "auto", "einsum", "conv", "rows"
+            lambda_layer=ml_collections.ConfigDict(
+                dict(
+                    impl=placeholder(str),  # "auto", "einsum", "conv", "rows"
+                    scope_size=placeholder(int),  # r (None: global)
+                    dim_k=placeholder(int),  # |k|
+                    heads=placeholder(int),  # |h|
+                    dim_u=placeholder(int),  # |u|
+                    embedding_init_std=placeholder(float),
+                )
+            ),
             stem_conv_impl=placeholder(str),  # "space_to_depth" or "direct"
             max_pool_grad=placeholder(str),  # "views" or "scatter"
         )

@@ -33,7 +33,7 @@ from configs import default
 # E.1's N(0, 1) [R]: with N(0, 1) the position term is ~|k|^1/2 |m|^1/2 times the content term
 # at initialisation, and the all-lambda ResNet-50 reached 70.2% instead of 77.5% in this budget
 # (results/imagenette.md). The timm port keeps its own layer settings.
-SMALL_EMBEDDINGS = {"embedding_init_std": 0.25}
+SMALL_EMBEDDINGS = {"lambda_layer": {"embedding_init_std": 0.25}}
 MODELS = {
     "resnet50": ("resnet50", {}),
     "hybrid": ("hybrid_resnet50", {"placement": "C,C,L,L", **SMALL_EMBEDDINGS}),

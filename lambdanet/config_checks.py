@@ -63,7 +63,7 @@ _RULES = {
     "data_seed": _integer(0),
 }
 _MODEL_ENUMS = {
-    "impl": IMPLS,
+    "lambda_layer.impl": IMPLS,
     "stem_conv_impl": STEM_CONV_IMPLS,
     "max_pool_grad": MAX_POOL_GRADS,
     "drop_path_schedule": DROP_PATH_SCHEDULES,
@@ -87,7 +87,8 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
             f"{config.num_epochs!r}: set num_train_steps > 0 or num_epochs > 0"
         )
     for name, choices in _MODEL_ENUMS.items():
-        value = config.model.get(name)
+        scope, _, field = name.rpartition(".")
+        value = (config.model.get(scope) or {}).get(field) if scope else config.model.get(field)
         if value is not None and value not in choices:
             problems.append(f"config.model.{name}={value!r}: must be one of {choices}")
     for name in ("dropout_rate", "drop_path_rate"):

@@ -2,7 +2,7 @@
 
 Architectures (`ARCHITECTURES`): ``resnet50`` (torchvision layout, timm's ``resnet50``),
 ``resnet26t`` (timm's ResNet-T), ``lambda_resnet26t``, ``lambda_resnet50ts`` and
-``lambda_resnet26rpt_256`` (timm's byoanet lambda networks, ported in `models/byoanet.py`).
+``lambda_resnet26rpt_256`` (timm's byoanet lambda networks, ported by `lambdanet.models.ResNet`).
 
 Conversion is a table of names: each Flax module path (blocks written ``{block}``) maps to a timm
 module path, and leaves map ``kernel``/``scale`` -> ``weight``, ``bias`` -> ``bias``, ``mean`` ->
@@ -23,6 +23,7 @@ torch is needed only to read ``.pth`` files; ``.safetensors`` files are read wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -35,7 +36,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lambdanet import checkpoint
-from lambdanet.models import create_model
+from lambdanet.models import create_model, model_entry, parse_placement
+from lambdanet.models.placement import stage_names
 
 WEIGHTS_STEP = 0
 _BLOCK = re.compile(r"^c(\d+)_block(\d+)$")
@@ -85,7 +87,7 @@ _TIMM_BYOB_LAMBDA = {
     "{block}/lambda_layer/norm_v": "{block}.self_attn.norm_v",
     "{block}/lambda_layer/rel_embeddings": "{block}.self_attn.conv_lambda.weight",
     "{block}/lambda_layer/position_bias": "{block}.self_attn.conv_lambda.bias",
-    "{block}/post_lambda_bn": "{block}.post_attn",
+    "{lambda_block}/bn2": "{block}.post_attn",  # the BN after a lambda slot,
     "{block}/conv3": "{block}.conv3_1x1.conv",
     "{block}/bn3": "{block}.conv3_1x1.bn",
     "{block}/downsample_conv": "{block}.shortcut.conv",
@@ -153,15 +155,33 @@ def timm_key(name: str, path: tuple[str, ...]) -> str:
     if match:
         stage, index = int(match.group(1)), int(match.group(2))
         prefix = arch.block_prefix.format(stage0=stage - 2, stage1=stage - 1, index0=index - 1)
-        parts[0] = "{block}"
-    full, module = "/".join(parts), "/".join(parts[:-1])
-    if full in arch.names:
-        key = arch.names[full]
-    elif module in arch.names and parts[-1] in _LEAVES:
-        key = f"{arch.names[module]}.{_LEAVES[parts[-1]]}"
+        # Names in a lambda block ("{lambda_block}/...") come first: its bn2 follows the lambda
+        # layer, which timm names differently from the BN after a 3x3 conv.
+        parts[0] = "{lambda_block}" if parts[0] in _lambda_blocks(name) else "{block}"
+    for template in dict.fromkeys([parts[0], "{block}"] if prefix else [parts[0]]):
+        full, module = "/".join([template, *parts[1:]]), "/".join([template, *parts[1:-1]])
+        if full in arch.names:
+            key = arch.names[full]
+            break
+        if module in arch.names and parts[-1] in _LEAVES:
+            key = f"{arch.names[module]}.{_LEAVES[parts[-1]]}"
+            break
     else:
         raise KeyError(f"no timm name for lambdanet variable {'/'.join(path)} of {name!r}")
     return key.replace("{block}", prefix) if prefix else key
+
+
+@functools.cache
+def _lambda_blocks(name: str) -> frozenset[str]:
+    """The Flax names (``c4_block2``, ...) of the blocks of ``name`` that hold a lambda layer."""
+    config = model_entry(name).config
+    placement = parse_placement(config.get("placement", "C,C,C,C"), config["stage_sizes"])
+    return frozenset(
+        f"{stage}_block{i + 1}"
+        for stage, types in zip(stage_names(len(placement)), placement, strict=True)
+        for i, block_type in enumerate(types)
+        if block_type == "L"
+    )
 
 
 def _to_flax_layout(array: np.ndarray, ndim: int) -> np.ndarray:

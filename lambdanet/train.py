@@ -57,15 +57,20 @@ EVAL_METRICS_FILE = "eval_metrics.json"
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     """`config.model_name` from the registry, with `config.model` as constructor overrides (a
-    field left None keeps the model's default)."""
+    field left None, or a mapping of such, keeps the model's own value)."""
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-    overrides = {k: v for k, v in config.model.to_dict().items() if v is not None}
+    overrides = {}
+    for key, value in config.model.to_dict().items():
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if v is not None} or None
+        if value is not None:
+            overrides[key] = value
     return models.create_model(config.model_name, num_classes=num_classes, dtype=dtype, **overrides)
 
 
 def check_image_size(model: nn.Module, image_size: int) -> None:
     """Raises ValueError unless `image_size` is at least the network's total stride: the stem's
-    4 times 2 per later stage (32 for c2..c5), in `ResNet` and `ByoaResNet` alike."""
+    4 times 2 per later stage (32 for c2..c5), in every `ResNet`."""
     stride = 4 * 2 ** (len(model.stage_sizes) - 1)
     if image_size < stride:
         raise ValueError(

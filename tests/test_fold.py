@@ -56,9 +56,12 @@ def count(tree) -> int:
     [
         ("resnet50", {}),  # 7x7 stem + max-pool, projection shortcuts
         # ResNet-RS: deep stem, pool conv, avg-down, SE
-        ("lambda_resnet50", dict(placement="C,C,CL,L", scope_size=5)),
-        ("hybrid_resnet50", dict(placement="C,L,C,L", scope_size=5)),  # BN after lambda layers
-        ("lambda_resnet26t", {}),  # timm port (ByoaResNet): post-lambda BN, 2x2 pool
+        ("lambda_resnet50", dict(placement="C,C,CL,L", lambda_layer=dict(scope_size=5))),
+        (
+            "hybrid_resnet50",
+            dict(placement="C,L,C,L", lambda_layer=dict(scope_size=5)),
+        ),  # BN after lambda layers
+        ("lambda_resnet26t", {}),  # timm port: BN after the lambda layer, 2x2 pool
     ],
 )
 def test_folded_logits_equal_the_unfolded(name, overrides):
@@ -91,7 +94,9 @@ def test_folded_logits_equal_the_unfolded(name, overrides):
 
 def test_fold_pairs_convs_with_their_batch_norms_only():
     x = jnp.zeros((1, 64, 64, 3))
-    model = create_model("hybrid_resnet50", placement="C,C,L,C", scope_size=5, **TINY)
+    model = create_model(
+        "hybrid_resnet50", placement="C,C,L,C", lambda_layer=dict(scope_size=5), **TINY
+    )
     variables = trained_looking_variables(model, x)
     _, folded = fold_batch_norm(model, variables)
     conv_block, lambda_block = folded["params"]["c2_block1"], folded["params"]["c4_block1"]

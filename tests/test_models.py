@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.core import FrozenDict
 
 from lambdanet.models import (
     STAGE_SIZES,
@@ -45,12 +46,15 @@ RESNET_RS_TIMM = {
 
 def abstract(name: str, shape=SMALL, **overrides):
     """(logits, variables) of a registered model, as shapes only (traced once per argument set)."""
-    return _abstract(name, shape, tuple(sorted(overrides.items())))
+    frozen = {k: FrozenDict(v) if isinstance(v, dict) else v for k, v in overrides.items()}
+    return _abstract(name, shape, tuple(sorted(frozen.items())))
 
 
 @functools.cache
 def _abstract(name: str, shape, overrides):
-    model = create_model(name, **dict(overrides))
+    model = create_model(
+        name, **{k: dict(v) if isinstance(v, FrozenDict) else v for k, v in overrides}
+    )
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     return jax.eval_shape(
         lambda key, x: model.init_with_output(key, x, train=False), jax.random.key(0), x
@@ -167,7 +171,9 @@ def test_hybrid_counts(placement, paper):
 )
 def test_ablation_counts(k, h, u, paper):
     scope = 7 if u > 1 else 23  # |u| > 1 uses a 7x7 scope (§4.1)
-    count = n_params("lambda_resnet50_all", dim_k=k, heads=h, dim_u=u, scope_size=scope)
+    count = n_params(
+        "lambda_resnet50_all", lambda_layer=dict(dim_k=k, heads=h, dim_u=u, scope_size=scope)
+    )
     assert count == analytic_lambda_resnet50("L,L,L,L", k=k, h=h, u=u, r=scope)
     assert abs(count / 1e6 - paper) < 0.07  # the paper rounds to 0.1M
 
@@ -219,7 +225,7 @@ def test_embedding_init_std_reaches_every_table(shared):
         stage_sizes=(1, 1, 1, 1),
         base_width=8,
         shared_embeddings=shared,
-        embedding_init_std=0.25,
+        lambda_layer=dict(embedding_init_std=0.25),
     )
     params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
     flat = jax.tree_util.tree_leaves_with_path(params)
@@ -335,7 +341,14 @@ def test_bfloat16_compute_float32_params_and_logits():
 
 # --- behaviour on a tiny network --------------------------------------------------------------
 
-TINY = dict(stage_sizes=(1, 1, 2, 1), base_width=8, heads=2, num_classes=5, se_ratio=0.25)
+TINY = dict(
+    stage_sizes=(1, 1, 2, 1),
+    base_width=8,
+    lambda_layer=dict(heads=2),
+    attention=dict(heads=2),
+    num_classes=5,
+    se_ratio=0.25,
+)
 
 
 def random_variables(model, x, seed=0):

@@ -57,7 +57,7 @@ def test_unknown_gradient_is_named():
         max_pool_3x3(jnp.zeros((1, 4, 4, 1)), "gather")
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnet26t"])  # ResNet and ByoaResNet stems
+@pytest.mark.parametrize("name", ["resnet50", "resnet26t"])  # 7x7 and tiered stems
 def test_models_get_the_same_gradients_with_either_max_pool_gradient(name):
     tiny = dict(num_classes=5, stage_sizes=(1, 1, 1, 1), base_width=8)
     x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))

@@ -77,7 +77,7 @@ def test_module_without_bias_has_only_a_kernel():
     "name, overrides",
     [
         ("resnet50", {}),
-        ("resnet50", dict(deep_stem=True)),
+        ("resnet50", dict(stem="deep")),
         ("lambda_resnet26t", dict(placement="C,C,L,L")),
     ],
 )

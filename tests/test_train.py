@@ -233,13 +233,17 @@ def test_skipping_nonfinite_steps_stops_above_the_allowed_fraction(
         ("checkpoint_every_steps", 0, "config.checkpoint_every_steps=0: must be an integer >= 1"),
         ("log_every_steps", 0, "config.log_every_steps=0: must be an integer >= 1"),
         ("global_batch_size", 0, "config.global_batch_size=0: must be an integer >= 1"),
-        ("model.impl", "fast", r"config.model.impl='fast': must be one of \('einsum'"),
+        (
+            "model.lambda_layer.impl",
+            "fast",
+            r"config.model.lambda_layer.impl='fast': must be one of \('einsum'",
+        ),
     ],
 )
 def test_bad_config_fails_before_compiling(tiny_config, field, value, message, monkeypatch):
     monkeypatch.setattr(jax, "jit", None)  # nothing may be compiled before the error
-    if field.startswith("model."):
-        tiny_config.model[field.split(".")[1]] = value
+    if field == "model.lambda_layer.impl":
+        tiny_config.model.lambda_layer = {"impl": value}
     else:
         tiny_config[field] = value
     with pytest.raises(ValueError, match=message):

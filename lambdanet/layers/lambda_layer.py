@@ -311,7 +311,7 @@ class LambdaLayer(nn.Module):
     heads: int = 4
     dim_u: int = 1
     scope_size: int | None = 23
-    impl: str = "einsum"
+    impl: str = "auto"
     multi_head: bool = False
     key_norm: str = "softmax"
     key_softmax_axes: str = "m"

@@ -8,7 +8,7 @@ remains is what XLA can fuse into the convolution.
 
 Pairs are found by name: the BatchNorm that follows a conv named ``...conv...`` is the sibling
 whose name has ``bn`` in place of ``conv`` (``conv1``/``bn1``, ``stem_conv1``/``stem_bn1``,
-``downsample_conv``/``downsample_bn``), the convention of `ResNet` and `ByoaResNet`. BatchNorms
+``downsample_conv``/``downsample_bn``), the convention of `ResNet`. BatchNorms
 with no such conv before them (after a lambda layer) keep their variables and run as inference
 BatchNorm. Inside a `LambdaLayer` the BatchNorms on queries and values (``norm_q``, ``norm_v``)
 fold into the query and value columns of its ``qkv`` projection the same way.
@@ -65,7 +65,7 @@ def check_not_training_folded(model: nn.Module, train: bool) -> None:
 def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any]) -> tuple[nn.Module, dict]:
     """(model, {"params", "batch_stats"}) -> the same network with its conv -> BN pairs folded.
 
-    ``model`` is a `ResNet` or `ByoaResNet` (anything with ``bn_epsilon`` and
+    ``model`` is a `ResNet` (anything with ``bn_epsilon`` and
     ``batch_norm_folded`` attributes); the returned model is its clone with
     ``batch_norm_folded=True`` and the returned variables hold every conv with a bias (zeros
     where no BatchNorm followed it) and only the BatchNorms that could not be folded.

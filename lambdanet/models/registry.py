@@ -8,12 +8,14 @@ Two families of lambda models:
     pool conv, SE 0.25 in conv blocks) with lambda layers uniformly spaced in c4 and in all of
     c5 (``placement="paper"``).
 plus "resnet_rs", the ResNet-RS baselines, and "timm_port": timm's `resnet26t`,
-`lambda_resnet26t`, `lambda_resnet50ts` and `lambda_resnet26rpt_256` (`ByoaResNet`, the same
-networks as timm's, for side-by-side benchmarks and converted weights).
+`lambda_resnet26t`, `lambda_resnet50ts` and `lambda_resnet26rpt_256` (``timm/models/byoanet.py``
+and ``resnet.py``: the same networks as timm's, for side-by-side benchmarks and converted
+weights; their lambda blocks follow timm's ``interleave_blocks``).
 
-``create_model(name, **overrides)`` returns a `ResNet` (a `ByoaResNet` for the timm ports);
-overrides are any of its attributes (num_classes, dtype, placement, dim_k, heads, dim_u,
-scope_size, impl, drop_path_rate, dropout_rate, remat, shared_embeddings, ...).
+``create_model(name, **overrides)`` returns a `ResNet`; overrides are any of its attributes
+(num_classes, dtype, placement, drop_path_rate, dropout_rate, remat, shared_embeddings, ...).
+The mappings ``lambda_layer`` and ``attention`` update the entry's own, e.g.
+``create_model("lambda_resnet26t", lambda_layer=dict(impl="conv"))`` keeps its scope r = 9.
 """
 
 from __future__ import annotations
@@ -24,12 +26,32 @@ from typing import Any
 
 import flax.linen as nn
 
-from lambdanet.models.byoanet import TIMM_CONFIGS, ByoaResNet
 from lambdanet.models.placement import STAGE_SIZES
 from lambdanet.models.resnet import ResNet
 
 FAMILIES = ("table3_4", "resnet_rs", "lambda_resnet", "timm_port")
-RESNET_RS = dict(deep_stem=True, replace_stem_pool=True, avg_down=True, se_ratio=0.25)
+RESNET_RS = dict(stem="deep", replace_stem_pool=True, shortcut="avg_down", se_ratio=0.25)
+_MAPPINGS = ("lambda_layer", "attention")  # overrides update these instead of replacing them
+# timm's ports: tiered stem, He-normal fan-out conv init, a 2x2 pool after a strided lambda
+# layer; lambda layers with scope r = 9 and the bias of timm's Conv3d, or ("rpt") a global
+# relative table sized for 256 px inputs without a bias.
+_TIMM = dict(
+    stem="tiered",
+    mixer_pool=2,
+    conv_kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+    lambda_layer=dict(scope_size=9, position_bias=True),
+)
+_26, _50 = (2, 2, 2, 2), STAGE_SIZES[50]
+TIMM_CONFIGS: dict[str, dict[str, Any]] = {
+    "resnet26t": dict(_TIMM, stage_sizes=_26, shortcut="avg_down"),
+    "lambda_resnet26t": dict(_TIMM, stage_sizes=_26, placement="C,C,CL,L"),
+    "lambda_resnet50ts": dict(
+        _TIMM, stage_sizes=_50, placement="C,CCCL,CLCLCL,CLC", activation="silu"
+    ),
+    "lambda_resnet26rpt_256": dict(
+        _TIMM, stage_sizes=_26, placement="C,C,CL,L", lambda_layer=dict(scope_size=None)
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +67,13 @@ class ModelEntry:
     config: Mapping[str, Any]
     description: str
     paper_params_m: float | None = None
-    architecture: type[nn.Module] = ResNet
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def _register(name, family, description, paper_params_m=None, architecture=ResNet, **config):
-    _REGISTRY[name] = ModelEntry(name, family, config, description, paper_params_m, architecture)
+def _register(name, family, description, paper_params_m=None, **config):
+    _REGISTRY[name] = ModelEntry(name, family, config, description, paper_params_m)
 
 
 def _register_all() -> None:
@@ -81,9 +102,7 @@ def _register_all() -> None:
         "table3_4",
         "lambda layer, u=4, scope 7x7, Table 3",
         16.0,
-        dim_u=4,
-        scope_size=7,
-        impl="conv",
+        lambda_layer=dict(dim_u=4, scope_size=7, impl="conv"),
         **lam,
     )
     _register(
@@ -91,7 +110,7 @@ def _register_all() -> None:
         "table3_4",
         "lambda layer, k=8, Table 4 and D.1 (a)",
         14.8,
-        dim_k=8,
+        lambda_layer=dict(dim_k=8),
         **lam,
     )
     _register(
@@ -105,8 +124,7 @@ def _register_all() -> None:
         "lambda_conv_resnet50",
         "table3_4",
         "lambda convolution, scope 7x7, Table 4",
-        scope_size=7,
-        impl="conv",
+        lambda_layer=dict(scope_size=7, impl="conv"),
         **lam,
     )
     _register(
@@ -128,7 +146,7 @@ def _register_all() -> None:
         )
     for name, config in TIMM_CONFIGS.items():
         description = f"port of timm's {name} (byoanet), same parameters and logits"
-        _register(name, "timm_port", description, architecture=ByoaResNet, **config)
+        _register(name, "timm_port", description, **config)
 
 
 _register_all()
@@ -148,12 +166,16 @@ def model_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Builds the registered model ``name``, with ``overrides`` of its architecture's attributes
-    (`ResNet`, or `ByoaResNet` for the timm ports)."""
+def create_model(name: str, **overrides: Any) -> ResNet:
+    """Builds the registered model ``name``, with ``overrides`` of `ResNet`'s attributes; the
+    ``lambda_layer`` and ``attention`` mappings update the entry's."""
     entry = model_entry(name)
-    fields = {f.name for f in dataclasses.fields(entry.architecture)} - {"parent", "name"}
+    fields = {f.name for f in dataclasses.fields(ResNet)} - {"parent", "name"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for {name!r}; valid: {sorted(fields)}")
-    return entry.architecture(**{**entry.config, **overrides})
+    config = {**entry.config, **overrides}
+    for key in _MAPPINGS:
+        if key in overrides:
+            config[key] = {**entry.config.get(key, {}), **overrides[key]}
+    return ResNet(**config)
