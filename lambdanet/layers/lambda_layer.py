@@ -27,7 +27,7 @@ What is covered:
                    r·W instead of n context positions a query, in dense matrix-unit shapes;
     ``auto`` follows the paper's rule (Appendix E.1, unconfirmed): ``conv`` when n > 85² or
     |u| > 1, except that images from 48² to 85² positions whose local scope spans at most half
-    the rows (and |u| = 1, no mask) take ``rows``, measured faster there (results/benchmarks.md).
+    the rows (and |u| = 1, no mask) take ``rows``, measured faster there (results/lambda_layer.md).
   * intra-depth |u| (Appendix B.4) in every implementation;
   * multi-query (default) or the multi-head variant of Appendix B.3;
   * BatchNorm on queries and values (switchable), key normalisation softmax / l2 / none;
@@ -296,7 +296,7 @@ class LambdaLayer(nn.Module):
         lambdas λ^p [b, n, |k|, |v|] then applies the queries (Figure 3); "scores" forms
         q·E [b, n, |h|, m, |u|] then contracts with the values; "auto" takes the order with the
         smaller intermediate (memory traffic, not FLOPs, bounds both on a GPU; the timings
-        behind the rule are in results/benchmarks.md). Same result either way.
+        behind the rule are in results/lambda_layer.md). Same result either way.
       embedding_init_std: std of the normal init of the relative embeddings E (E.1: 1 [R]).
       batch_norm_folded: the variables come from `lambdanet.models.fold_batch_norm` (inference
         only): ``norm_q`` and ``norm_v`` are folded into the columns of ``qkv`` (which then has
