@@ -105,6 +105,21 @@ def _pool_after_mixer(y: jax.Array, window: int) -> jax.Array:
     return nn.avg_pool(y, (window, window), (2, 2), padding=padding, count_include_pad=False)
 
 
+def drop_path(y: jax.Array, rate: float | jax.Array, rng: jax.Array | None) -> jax.Array:
+    """Stochastic depth: [b, ...] -> y with each example dropped with probability ``rate``
+    (kept ones scaled by 1 / (1 - rate)); ``rng`` None (inference) or a rate of 0 is identity.
+    ``rate`` may be traced (a scanned stage's per-block rates)."""
+    if rng is None or _is_zero(rate):
+        return y
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    return jnp.where(mask, y / jnp.asarray(keep, y.dtype), jnp.zeros_like(y))
+
+
+def _is_zero(rate: float | jax.Array) -> bool:
+    return isinstance(rate, int | float) and rate == 0
+
+
 def drop_path_rates(rate: float, stage_sizes: Sequence[int], schedule: str) -> list[list[float]]:
     """Stochastic depth rate of every block, per stage, growing linearly with depth.
 
@@ -148,7 +163,14 @@ class Bottleneck(nn.Module):
     zero_init_last_bn: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool, embeddings: jax.Array | None = None):
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool,
+        embeddings: jax.Array | None = None,
+        drop_path_rate: jax.Array | None = None,
+    ):
+        """``drop_path_rate`` (traced) replaces the attribute in a scanned stage."""
         y = self.act(self.norm(name="bn1")(self.conv(self.width, (1, 1), name="conv1")(x)))
         y = self.act(self.norm(name="bn2")(self._spatial(y, train, embeddings)))
         y = self.conv(4 * self.width, (1, 1), name="conv3")(y)
@@ -156,9 +178,8 @@ class Bottleneck(nn.Module):
         y = self.norm(scale_init=scale_init, name="bn3")(y)
         if self.se is not None:
             y = self.se(name="se")(y)
-        y = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3), name="drop_path")(
-            y, deterministic=not train
-        )
+        rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
+        y = drop_path(y, rate, self.make_rng("dropout") if train and not _is_zero(rate) else None)
         return self.act(y + self._shortcut(x, y.shape))
 
     def _spatial(self, y: jax.Array, train: bool, embeddings: jax.Array | None) -> jax.Array:
@@ -180,6 +201,50 @@ class Bottleneck(nn.Module):
             x, strides = _avg_down(x), (1, 1)
         x = self.conv(shape[-1], (1, 1), strides, name="downsample_conv")(x)
         return self.norm(name="downsample_bn")(x)
+
+
+def block_runs(block_types: str, scan: bool) -> list[tuple[int, int]]:
+    """(first, last) 0-based block indices of a stage's runs: each block alone, or with
+    ``scan`` the first block alone (it may downsample or project) and then every maximal run of
+    consecutive blocks of one type (a run of one stays a plain block)."""
+    if not scan:
+        return [(i, i) for i in range(len(block_types))]
+    runs, first = [(0, 0)], 1
+    for i in range(1, len(block_types) + 1):
+        if i == len(block_types) or block_types[i] != block_types[first]:
+            if first < len(block_types):
+                runs.append((first, i - 1))
+            first = i
+    return runs
+
+
+class _ScanBody(nn.Module):
+    """One bottleneck as an `nn.scan` body: (x, this block's drop-path rate) -> (x, None)."""
+
+    block: ModuleDef
+    train: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, rate: jax.Array | None, embeddings: jax.Array | None):
+        return self.block(name="block")(x, self.train, embeddings, rate), None
+
+
+def _scanned(block: ModuleDef, train: bool, rates: Sequence[float], name: str):
+    """``len(rates)`` copies of ``block`` as one scanned module: (x, embeddings) -> x."""
+    scan = nn.scan(
+        _ScanBody,
+        variable_axes={"params": 0, "batch_stats": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(0, nn.broadcast),
+        length=len(rates),
+    )
+    module = scan(block=block, train=train, name=name)
+    per_block = jnp.asarray(rates, jnp.float32) if any(rates) else None
+
+    def apply(x: jax.Array, embeddings: jax.Array | None) -> jax.Array:
+        return module(x, per_block, embeddings)[0]
+
+    return apply
 
 
 class ResNet(nn.Module):
@@ -217,6 +282,11 @@ class ResNet(nn.Module):
       zero_init_last_bn: γ = 0 in the last BatchNorm of every bottleneck (E.1).
       remat: stages whose blocks are rematerialised (``nn.remat``, i.e. jax.checkpoint) in the
         backward pass, e.g. ("c2", "c3") or "all": trades compute for activation memory.
+      scan_blocks: every run of two or more identical blocks (`block_runs`) is one `nn.scan`
+        over a block whose variables are stacked along a leading layer axis (module
+        ``{stage}_scan{first}_{last}``): the compiled program holds one block per run, so
+        compile time hardly grows with depth. The same function as the unrolled model;
+        `lambdanet.models.scanned` converts variables between the two layouts.
       bn_momentum, bn_epsilon: BatchNorm settings (statistics in float32 under bfloat16).
       batch_norm_folded: the variables come from `fold_batch_norm` (inference only): every
         conv is biased and the BatchNorm after it is gone.
@@ -244,6 +314,7 @@ class ResNet(nn.Module):
     dropout_rate: float = 0.0
     zero_init_last_bn: bool = True
     remat: Sequence[str] | str = ()
+    scan_blocks: bool = False
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     batch_norm_folded: bool = False
@@ -280,11 +351,13 @@ class ResNet(nn.Module):
         features, stride, tables = {"stem": x}, 4, {}
         for s, (stage, block_types) in enumerate(zip(stages, placement, strict=True)):
             block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if stage in remat else Bottleneck
-            for i, block_type in enumerate(block_types):
+            for first, last in block_runs(block_types, self.scan_blocks):
+                block_type = block_types[first]
                 shared = block_type == "L" and self.shared_embeddings
                 embeddings = self._shared_table(tables, x, stride, lambda_layer) if shared else None
-                strides = 2 if i == 0 and s > 0 else 1
-                x = block_cls(
+                strides = 2 if first == 0 and s > 0 else 1
+                block = functools.partial(
+                    block_cls,
                     width=self.base_width * 2**s,
                     conv=conv,
                     norm=norm,
@@ -294,11 +367,18 @@ class ResNet(nn.Module):
                     mixer=self._mixer(block_type, lambda_layer),
                     mixer_pool=self.mixer_pool,
                     se=self._se() if block_type == "C" else None,
-                    drop_path_rate=drop_rates[s][i],
                     shortcut=self.shortcut,
                     zero_init_last_bn=self.zero_init_last_bn,
-                    name=f"{stage}_block{i + 1}",
-                )(x, train, embeddings)
+                )
+                rates = drop_rates[s][first : last + 1]
+                if first == last:
+                    x = block(drop_path_rate=rates[0], name=f"{stage}_block{first + 1}")(
+                        x, train, embeddings
+                    )
+                else:
+                    x = _scanned(block, train, rates, name=f"{stage}_scan{first + 1}_{last + 1}")(
+                        x, embeddings
+                    )
                 stride *= strides
             features[stage] = x
         features["pre_logits"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
