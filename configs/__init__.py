@@ -1,1 +1,1 @@
-"""Experiment configs: one `get_config()` per file, run with `--config=configs/NAME.py`."""
+"""Experiment configs: one `get_config()` per file, run with `--config=configs/NAME.py[:ARG]`."""

@@ -6,35 +6,14 @@ and change a few fields. Every field can be overridden on the command line, e.g.
 
 The 90-epoch setup [R]: SGD momentum 0.9, batch 4096, weight decay 1e-4, learning rate
 0.1 x batch / 256 warmed up linearly over 5 epochs then cosine-decayed, label smoothing 0.1,
-EMA 0.9999 of the weights, 224x224 with random resized crop and flip.
-
-`lambda_resnet_config(depth, image_size)` builds the 350-epoch LambdaResNet recipe (ResNet-RS
-recipe with weight decay 4e-5, RandAugment, dropout, stochastic depth; Table 13 [R]).
+EMA 0.9999 of the weights, 224x224 with random resized crop and flip. configs/lambda_resnet.py
+builds the 350-epoch LambdaResNet recipe from it (Table 13).
 """
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
 from lambdanet.data import default_dataset_config
-
-# Table 13 [R, low confidence]: (depth, image size) -> (RandAugment magnitude, dropout,
-# stochastic depth). Depth 200 has no row; it takes the 152/270 values at 256.
-TABLE_13 = {
-    (50, 128): (10, 0.2, 0.0),
-    (50, 160): (10, 0.2, 0.0),
-    (101, 160): (10, 0.3, 0.0),
-    (101, 192): (15, 0.2, 0.0),
-    (152, 192): (15, 0.3, 0.0),
-    (152, 224): (15, 0.3, 0.1),
-    (152, 256): (15, 0.3, 0.1),
-    (152, 288): (15, 0.3, 0.1),
-    (200, 256): (15, 0.3, 0.1),
-    (270, 256): (15, 0.3, 0.1),
-    (350, 256): (15, 0.3, 0.2),
-    (350, 288): (15, 0.3, 0.2),
-    (350, 320): (15, 0.3, 0.2),
-    (420, 320): (15, 0.3, 0.2),
-}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -94,27 +73,4 @@ def get_config() -> ml_collections.ConfigDict:
     # Fine-tuning: start from the params/batch_stats of this checkpoint (a workdir or a step
     # directory, e.g. timm weights from scripts/convert_timm.py) unless the workdir resumes.
     config.init_from = ""
-    return config
-
-
-def lambda_resnet_config(depth: int, image_size: int | str | None = None):
-    """LambdaResNet-`depth` with the 350-epoch recipe at `image_size` (Table 13 row)."""
-    sizes = sorted(size for d, size in TABLE_13 if d == depth)
-    image_size = int(image_size) if image_size else sizes[0]
-    if (depth, image_size) not in TABLE_13:
-        raise ValueError(
-            f"LambdaResNet-{depth} has no Table 13 row at image size {image_size}; the paper's "
-            f"sizes for it are {sizes}, e.g. --config=configs/lambda_resnet{depth}.py:{sizes[0]}."
-        )
-    magnitude, dropout, stochastic_depth = TABLE_13[depth, image_size]
-    config = get_config()
-    config.model_name = f"lambda_resnet{depth}"
-    config.model.dropout_rate = dropout
-    config.model.drop_path_rate = stochastic_depth
-    config.model.drop_path_schedule = "stage"  # ResNet-RS's per-stage schedule [R]
-    config.dataset.image_size = image_size
-    config.dataset.randaugment = dict(num_layers=2, magnitude=magnitude)
-    config.num_epochs = 350.0
-    config.weight_decay = 4e-5
-    config.eval_every_epochs = 5.0
     return config

@@ -14,13 +14,15 @@ final_metrics.json land in the workdir; then
 re-evaluates the last checkpoint.
 """
 
+from pathlib import Path
+
 import ml_collections
 
-from configs import default
+from lambdanet.config_loading import load_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = default.get_config()
+    config = load_config(Path(__file__).with_name("default.py"))
     config.model_name = "lambda_resnet50"
     config.model.update(dict(stage_sizes=(1, 1, 1, 1), base_width=16, placement="C,L,L,L"))
     config.dataset.name = "digits"

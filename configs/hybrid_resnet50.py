@@ -12,9 +12,11 @@ table of placement, params, inference throughput and top-1:
     python scripts/sweep_hybrids.py --config=configs/hybrid_resnet50.py --workdir=workdir/hybrids
 """
 
+from pathlib import Path
+
 import ml_collections
 
-from configs import default
+from lambdanet.config_loading import load_config
 
 # The rows of the hybrid table, in the paper's order (C,C,C,C is the ResNet-50 baseline).
 HYBRID_PLACEMENTS = (
@@ -30,7 +32,7 @@ HYBRID_PLACEMENTS = (
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = default.get_config()
+    config = load_config(Path(__file__).with_name("default.py"))
     config.model_name = "hybrid_resnet50"
     config.model.placement = "C,C,L,L"
     config.hybrid_placements = HYBRID_PLACEMENTS  # read by scripts/sweep_hybrids.py

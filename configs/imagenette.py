@@ -24,9 +24,11 @@ carries; its eval crop is the central 112 px, resized to 128):
 `--config.dataset.name=image_folder` streams the folder with TFDS ImageFolder instead.
 """
 
+from pathlib import Path
+
 import ml_collections
 
-from configs import default
+from lambdanet.config_loading import load_config
 
 # Argument -> (registry model, create_model overrides).
 # The ResNet lambda models start their relative embeddings E at std |k|^-1/2 = 0.25 instead of
@@ -49,7 +51,7 @@ def get_config(model: str = "resnet50") -> ml_collections.ConfigDict:
             f"Unknown Imagenette model {model!r}; use configs/imagenette.py:NAME with NAME one of "
             f"{sorted(MODELS)}."
         )
-    config = default.get_config()
+    config = load_config(Path(__file__).with_name("default.py"))
     config.model_name, overrides = MODELS[model]
     config.model.update(overrides)
     config.dataset.name = "in_memory"

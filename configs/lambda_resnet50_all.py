@@ -9,12 +9,14 @@ lambdas of scope 23x23; Table 3). The |u|=4 row (16.0M, 78.9%) is
 Batch 4096 as in the paper; lower it with `--config.global_batch_size` on fewer accelerators.
 """
 
+from pathlib import Path
+
 import ml_collections
 
-from configs import default
+from lambdanet.config_loading import load_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = default.get_config()
+    config = load_config(Path(__file__).with_name("default.py"))
     config.model_name = "lambda_resnet50_all"
     return config

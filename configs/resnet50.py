@@ -10,10 +10,12 @@ prepares imagenet2012 from the tars in manual_dir on the first run (`--config.da
 chooses where the prepared files go).
 """
 
+from pathlib import Path
+
 import ml_collections
 
-from configs import default
+from lambdanet.config_loading import load_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return default.get_config()
+    return load_config(Path(__file__).with_name("default.py"))

@@ -4,7 +4,11 @@
     python -m lambdanet.main --config=configs/demo.py --workdir=workdir/demo --mode=eval \
         [--checkpoint=STEP_OR_PATH]
 
-Any field the config defines can be overridden, e.g. with `--config=configs/lambda_resnet50.py`:
+`--config=FILE:ARG` passes ARG to the file's `get_config`, e.g.
+`--config=configs/lambda_resnet.py:depth=152,size=256`. `--print_config` prints the config after
+the overrides below and exits, building nothing (no --workdir needed).
+
+Any field the config defines can be overridden, e.g. with `--config=configs/lambda_resnet.py`:
 `--config.global_batch_size=512 --config.model.dropout_rate=0.1`. Every config defines the
 model's implementation choices `impl`, `stem_conv_impl` and `max_pool_grad` (unset: the model's
 defaults). ml_collections overrides only fields that exist: another model attribute that the
@@ -41,6 +45,9 @@ from lambdanet import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, events and metrics.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the config (after the --config.FIELD overrides) and exit."
+)
 _MODE = flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"], "Mode.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "", "For --mode=eval: a step in WORKDIR or a checkpoint path (default latest)."
@@ -66,7 +73,12 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "JAX's persistent compilation cache: a resumed run, an eval-only run and the n-th run of a "
     "sweep load their compiled programs from it. '' turns it off.",
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flag_as_required("config")
+flags.register_multi_flags_validator(
+    ["workdir", "print_config"],
+    lambda values: values["workdir"] or values["print_config"],
+    "--workdir is required (except with --print_config).",
+)
 
 EXIT_STOPPED = 75  # stopped by a signal with a checkpoint saved: resume with the same command
 
@@ -100,6 +112,9 @@ _QUIET_LIBRARIES = _QuietLibraries()
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _PRINT_CONFIG.value:
+        print(_CONFIG.value, end="")
+        return
     logging.get_absl_handler().addFilter(_QUIET_LIBRARIES)
     if _COMPILATION_CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
@@ -123,5 +138,10 @@ def main(argv: list[str]) -> None:
             sys.exit(EXIT_STOPPED)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `lambdanet-train` command: `python -m lambdanet.main` with absl's flag parsing."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

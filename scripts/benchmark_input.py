@@ -21,15 +21,11 @@ import json
 import multiprocessing
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lambdanet.data import array_record, decode  # noqa: E402
+from lambdanet.data import array_record, decode
 
 
 def _records(shards: str, split: str) -> list[bytes]:

@@ -44,10 +44,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from lambdanet import checkpoint
 
-from lambdanet import checkpoint  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 OVERRIDES = (
     "--mode=train",

@@ -17,15 +17,12 @@ largest logit). The checkpoint lands in OUT/checkpoints/0.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lambdanet import convert_timm  # noqa: E402
+from lambdanet import convert_timm
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

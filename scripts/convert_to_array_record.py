@@ -16,14 +16,10 @@ corrupt, truncated and empty ones skipped; one summary line per split counts bot
 """
 
 import functools
-import sys
-from pathlib import Path
 
 from absl import app, flags, logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lambdanet.data import convert  # noqa: E402
+from lambdanet.data import convert
 
 _IMAGENET_DIR = flags.DEFINE_string("imagenet_dir", None, "Folder with the ImageNet tars.")
 _FOLDER = flags.DEFINE_string("folder", None, "Image folder tree ROOT/<split>/<class>/<image>.")

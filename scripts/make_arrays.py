@@ -15,15 +15,11 @@ A TFDS split (TensorFlow is needed for this one only):
 """
 
 import os
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from absl import app, flags, logging
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lambdanet.data import in_memory  # noqa: E402
+from lambdanet.data import in_memory
 
 _FOLDER = flags.DEFINE_string("folder", None, "Image folder tree ROOT/<split>/<class>/<image>.")
 _TFDS = flags.DEFINE_string("tfds", None, "TFDS dataset name (instead of --folder).")

@@ -13,16 +13,13 @@ evaluation windows included), final validation top-1 and the eval-only top-1.
 import json
 import os
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from absl import app, flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lambdanet.checkpoint import CONFIG_FILE  # noqa: E402
-from lambdanet.train import EVAL_METRICS_FILE, FINAL_METRICS_FILE  # noqa: E402
+from lambdanet.checkpoint import CONFIG_FILE
+from lambdanet.train import EVAL_METRICS_FILE, FINAL_METRICS_FILE
 
 _RUNS = flags.DEFINE_list("runs", None, "NAME=WORKDIR pairs (or WORKDIRs).", required=True)
 _PNG = flags.DEFINE_string("png", None, "Where to write the validation-accuracy curves.")

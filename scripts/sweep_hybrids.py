@@ -14,16 +14,17 @@ placement, parameters, inference throughput (images/s) and top-1.
 import copy
 import csv
 import os
-import sys
 from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lambdanet import train
 
-from lambdanet import train  # noqa: E402
-from scripts import benchmark  # noqa: E402
+if __package__:  # imported as scripts.sweep_hybrids
+    from scripts import benchmark
+else:  # run as scripts/sweep_hybrids.py, whose directory is first on sys.path
+    import benchmark
 
 COLUMNS = ("placement", "params_m", "images_per_sec", "top1")
 HEADERS = ("placement", "params (M)", "inference throughput (images/s)", "top-1 (%)")

@@ -1,35 +1,31 @@
 """Every config loads, names a registered model with valid overrides, and documents its command."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from configs import default
+from configs import lambda_resnet
 from configs.hybrid_resnet50 import HYBRID_PLACEMENTS
 from lambdanet import data, models, train
+from lambdanet.config_loading import load_config, load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 EXPERIMENTS = sorted(
     p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "default")
 )
-LAMBDA_RESNET_DEPTHS = (50, 101, 152, 200, 270, 350, 420)
 
 
 def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"configs.{name}", CONFIG_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(CONFIG_DIR / f"{name}.py")
 
 
 def test_every_experiment_has_a_config():
     expected = {"demo", "resnet50", "lambda_resnet50_all", "hybrid_resnet50", "imagenette"}
-    expected |= {f"lambda_resnet{depth}" for depth in LAMBDA_RESNET_DEPTHS}
-    assert expected <= set(EXPERIMENTS)
+    assert expected | {"lambda_resnet"} <= set(EXPERIMENTS)
+    assert lambda_resnet.DEPTHS == [50, 101, 152, 200, 270, 350, 420]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -54,17 +50,19 @@ def test_90_epoch_recipe():
 
 
 @pytest.mark.parametrize(
-    "depth, size, expected",
+    "arg, depth, expected",
     [
-        (50, None, (128, 10, 0.2, 0.0)),
-        (101, "192", (192, 15, 0.2, 0.0)),
-        (152, None, (192, 15, 0.3, 0.0)),
-        (152, "256", (256, 15, 0.3, 0.1)),
-        (420, None, (320, 15, 0.3, 0.2)),
+        (None, 50, (128, 10, 0.2, 0.0)),
+        ("", 50, (128, 10, 0.2, 0.0)),
+        ("size=160", 50, (160, 10, 0.2, 0.0)),
+        ("depth=101,size=192", 101, (192, 15, 0.2, 0.0)),
+        ("depth=152", 152, (192, 15, 0.3, 0.0)),
+        ("size=256,depth=152", 152, (256, 15, 0.3, 0.1)),
+        ("depth=420", 420, (320, 15, 0.3, 0.2)),
     ],
 )
-def test_lambda_resnet_configs_follow_table_13(depth, size, expected):
-    config = _module(f"lambda_resnet{depth}").get_config(size)
+def test_lambda_resnet_configs_follow_table_13(arg, depth, expected):
+    config = lambda_resnet.get_config(arg)
     assert config.model_name == f"lambda_resnet{depth}"
     assert (config.num_epochs, config.weight_decay) == (350, 4e-5)
     got = (
@@ -77,9 +75,29 @@ def test_lambda_resnet_configs_follow_table_13(depth, size, expected):
     assert config.dataset.randaugment.num_layers == 2
 
 
-def test_image_size_outside_table_13_lists_the_sizes():
-    with pytest.raises(ValueError, match=r"sizes for it are \[160, 192\]"):
-        default.lambda_resnet_config(101, "224")
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("depth=101,size=224", r"sizes for it are \[160, 192\].*:depth=101,size=160"),
+        ("depth=18", r"depths are \[50, 101, 152, 200, 270, 350, 420\]"),
+        ("width=2", r"keys depth and size.*'width=2'"),
+        ("depth=big", r"integer values.*'depth=big'"),
+        ("152", r"takes depth=D,size=S"),
+    ],
+)
+def test_bad_lambda_resnet_argument_names_the_valid_ones(arg, message):
+    with pytest.raises(ValueError, match=message):
+        lambda_resnet.get_config(arg)
+
+
+def test_config_file_loads_by_path_with_its_argument(tmp_path, monkeypatch):
+    monkeypatch.chdir(CONFIG_DIR.parent)
+    config = load_config("configs/lambda_resnet.py:depth=350,size=288")
+    assert (config.model_name, config.dataset.image_size) == ("lambda_resnet350", 288)
+    assert load_config("configs/imagenette.py").model_name == "resnet50"
+    monkeypatch.chdir(tmp_path)  # relative paths are read from the working directory
+    with pytest.raises(FileNotFoundError, match=r"No config file .*configs/demo\.py"):
+        load_config("configs/demo.py")
 
 
 def test_hybrid_config_lists_the_paper_placements():
@@ -107,7 +125,7 @@ def test_main_documents_an_override_that_parses():
         "c = main._CONFIG.value; print(c.global_batch_size, c.model.dropout_rate, "
         "c.model.stem_conv_impl)"
     )
-    argv = [sys.executable, "-c", parse, "--workdir=unused", "--config=configs/lambda_resnet50.py"]
+    argv = [sys.executable, "-c", parse, "--workdir=unused", "--config=configs/lambda_resnet.py"]
     argv += [*example, "--config.model.stem_conv_impl=direct"]
     out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.split() == ["512", "0.1", "direct"]

@@ -67,6 +67,17 @@ def test_unknown_model_attribute_on_the_command_line_says_how_to_set_it(tmp_path
     assert not os.listdir(tmp_path)
 
 
+def test_print_config_prints_the_overridden_config_and_builds_nothing(tmp_path):
+    config = REPO / "configs" / "lambda_resnet.py"
+    command = [sys.executable, "-m", "lambdanet.main", f"--config={config}:depth=152,size=256"]
+    command += ["--config.global_batch_size=512", "--print_config"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert {"model_name: lambda_resnet152", "global_batch_size: 512"} <= set(lines)
+    assert "  image_size: 256" in lines and list(tmp_path.iterdir()) == []
+
+
 def test_training_modules_import_without_tensorflow():
     code = (
         "import sys, lambdanet.main, lambdanet.train, lambdanet.checkpoint;"
