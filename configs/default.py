@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
             ),
             stem_conv_impl=placeholder(str),  # "space_to_depth" or "direct"
             max_pool_grad=placeholder(str),  # "views" or "scatter"
+            scan_blocks=placeholder(bool),  # scanned runs of identical blocks (compile time)
         )
     )
     config.dataset = default_dataset_config()
