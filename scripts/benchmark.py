@@ -182,7 +182,9 @@ def measure_jax_model(spec: dict) -> dict:
     size = spec["image_size"]
     model = train.create_model(config, spec["num_classes"])
     lr_fn = train.create_learning_rate_fn(config, steps_per_epoch=1000, num_train_steps=100_000)
+    start = time.perf_counter()
     state = train.create_train_state(config, model, size, lr_fn, mesh)
+    init_s = time.perf_counter() - start
     key = jax.random.key(0)
     batch = {
         "image": jax.random.normal(key, (spec["batch_size"], size, size, 3), jnp.float32),
@@ -190,7 +192,7 @@ def measure_jax_model(spec: dict) -> dict:
     }
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     rngs = train.create_rngs(config, mesh)
-    result = {"num_params": train.count_params(state.params), "image_size": size}
+    result = {"num_params": train.count_params(state.params), "image_size": size, "init_s": init_s}
     result["num_devices"] = num_devices
     result |= {"epochs": config.num_epochs, "model": config.model_name}
 
@@ -202,6 +204,8 @@ def measure_jax_model(spec: dict) -> dict:
         start = time.perf_counter()
         compiled = step.lower(state, batch, rngs).compile()
         result["compile_s"] = time.perf_counter() - start
+        if spec.get("compile_only"):
+            return result
         holder = [state]
 
         def run_steps(n):
@@ -501,6 +505,7 @@ def _model_spec(args, **fields) -> dict:
     spec |= dict(windows=args.windows, steps=args.steps, fold_bn=not args.no_fold_bn)
     config_overrides = json.loads(args.config_overrides)
     spec |= dict(config_overrides=config_overrides) if config_overrides else {}
+    spec |= dict(compile_only=True) if args.compile_only else {}
     return spec | (dict(profile_dir=args.profile_dir) if args.profile_dir else {}) | fields
 
 
@@ -815,6 +820,11 @@ def main(argv=None):
         "--profile-dir", help="also write a JAX profiler trace of --steps steps of our models"
     )
     parser.add_argument("--no-isolate", action="store_true", help="measure in this process")
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="train mode: time initialisation (init_s) and the step's lowering + compilation only",
+    )
     parser.add_argument(
         "--parallel",
         type=int,
