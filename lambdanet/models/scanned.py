@@ -37,34 +37,37 @@ def scanned_runs(model: ResNet) -> dict[str, list[str]]:
 
 def scan_variables(model: ResNet, variables: Mapping[str, Any]) -> dict[str, Any]:
     """Unrolled {"params", "batch_stats", ...} -> the layout of ``model`` with scan_blocks."""
-    runs = scanned_runs(model)
-    converted = {}
-    for collection, tree in variables.items():
-        tree = dict(tree)
-        for scan_name, blocks in runs.items():
-            present = [b for b in blocks if b in tree]
-            if not present:
-                continue
+
+    def stack(collection: str, tree: dict, scan_name: str, blocks: list[str]) -> None:
+        present = [b for b in blocks if b in tree]
+        if present:
             _check_complete(collection, scan_name, blocks, present)
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(tree.pop(b) for b in blocks))
             tree[scan_name] = {"block": stacked}
-        converted[collection] = tree
-    return converted
+
+    return _per_run(model, variables, stack)
 
 
 def unscan_variables(model: ResNet, variables: Mapping[str, Any]) -> dict[str, Any]:
     """Scanned variables of ``model`` -> the unrolled layout (``scan_blocks=False``)."""
-    runs = scanned_runs(model)
-    converted = {}
-    for collection, tree in variables.items():
-        tree = dict(tree)
-        for scan_name, blocks in runs.items():
-            if scan_name not in tree:
-                continue
+
+    def unstack(collection: str, tree: dict, scan_name: str, blocks: list[str]) -> None:
+        if scan_name in tree:
             stacked = tree.pop(scan_name)["block"]
             for i, block in enumerate(blocks):
                 tree[block] = jax.tree.map(lambda x, i=i: x[i], stacked)
-        converted[collection] = tree
+
+    return _per_run(model, variables, unstack)
+
+
+def _per_run(model: ResNet, variables: Mapping[str, Any], convert) -> dict[str, Any]:
+    """Each collection's top-level dict, copied, with ``convert`` applied to it once per run."""
+    runs = scanned_runs(model)
+    converted = {}
+    for collection, tree in variables.items():
+        converted[collection] = dict(tree)
+        for scan_name, blocks in runs.items():
+            convert(collection, converted[collection], scan_name, blocks)
     return converted
 
 
