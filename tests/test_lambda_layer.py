@@ -460,6 +460,24 @@ def test_contraction_order_is_not_an_attribute():
         LambdaLayer(position_contraction="scores")
 
 
+def test_explicit_mask_with_causal_is_honoured_or_refused():
+    """causal=True plus mask=: auto takes the einsum (both masks apply); conv refuses the mask
+    (it would apply only the causal one)."""
+    n, d = 10, 16
+    kwargs = dict(dim_k=8, heads=2, scope_size=5, causal=True, dim_u=2)  # dim_u=2: auto -> conv
+    x = _x((2, n, d))
+    mask = np.random.default_rng(0).random((n, n)) < 0.5
+    auto = LambdaLayer(impl="auto", **kwargs)
+    assert auto._resolve_impl((n,), masked=False) == "conv"
+    assert auto._resolve_impl((n,), masked=True) == "einsum"
+    variables = _init(auto, x)
+    got = np.asarray(auto.apply(variables, x, mask=mask))
+    want = naive_lambda_layer(variables, x, auto, mask=mask & causal_mask(n))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    with pytest.raises(ValueError, match="impl='conv' supports causal masks only"):
+        LambdaLayer(impl="conv", **kwargs).apply(variables, x, mask=mask)
+
+
 def test_bad_mask_raises_clear_errors():
     layer = LambdaLayer(dim_k=8, heads=2)
     x = jnp.zeros((1, 6, 16))

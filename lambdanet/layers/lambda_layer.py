@@ -281,14 +281,14 @@ class LambdaLayer(nn.Module):
     def _resolve_impl(self, spatial: tuple[int, ...], masked: bool) -> str:
         """The implementation for inputs of ``spatial`` shape (``masked``: a mask is passed).
 
-        "auto": einsum for an explicit mask without ``causal``; otherwise rows for
+        "auto": einsum for an explicit mask (only it takes an arbitrary one); otherwise rows for
         images of 48² to 85² positions whose scope spans at most half of the rows (|u| = 1, not
         causal), conv when n > 85² or |u| > 1, einsum otherwise (constants at the top).
         """
         n = math.prod(spatial)
         if self.impl != "auto":
             return self.impl
-        if masked and not self.causal:
+        if masked:
             return "einsum"
         if (
             len(spatial) == 2
@@ -350,10 +350,11 @@ class LambdaLayer(nn.Module):
                     f"mask must have shape [n, m] = [{n}, {n}] (query positions x context "
                     f"positions, shared across the batch), got {np.shape(mask)}"
                 )
-            if self.impl == "conv" and not self.causal:
+            if self.impl == "conv":  # also with causal=True: the convolution would drop it
                 raise ValueError(
-                    "impl='conv' supports causal masks only (the mask must be translation "
-                    "invariant); use impl='einsum' for an arbitrary context mask"
+                    "impl='conv' supports causal masks only (causal=True, the mask must be "
+                    "translation invariant) and takes no mask=; use impl='einsum' for an "
+                    "arbitrary context mask"
                 )
             if self.impl == "rows":
                 raise ValueError("impl='rows' takes no mask; use impl='einsum' for masked contexts")
