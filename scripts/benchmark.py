@@ -57,8 +57,6 @@ LAYER_SHAPES = ((28, 28, 128), (14, 14, 256), (7, 7, 512))  # lambda_resnet50ts,
 # LambdaLayer settings of each timed variant ("timm" is timm's own LambdaLayer).
 LAYER_VARIANTS = {
     "einsum": dict(impl="einsum"),
-    "einsum_lambdas": dict(impl="einsum", position_contraction="lambdas"),
-    "einsum_scores": dict(impl="einsum", position_contraction="scores"),
     "conv": dict(impl="conv"),
     "rows": dict(impl="rows"),
     "timm": None,

@@ -12,12 +12,27 @@ import numpy as np
 import pytest
 
 from lambdanet.layers import LambdaLayer, causal_mask, position_embedding_shape
+from lambdanet.layers.lambda_layer import _position_output_einsum, _scores_first
 
 EPS = 1e-5
 
 
 def _batch_norm_eval(x, params, stats):
     return (x - stats["mean"]) / np.sqrt(stats["var"] + EPS) * params["scale"] + params["bias"]
+
+
+def _naive_embeddings(table, spatial):
+    """E [n, m, |k|, |u|] with E[n, m] = R[m - n], zero outside the scope, by looping."""
+    n_pos, sides = math.prod(spatial), table.shape[: len(spatial)]
+    positions = list(itertools.product(*[range(s) for s in spatial]))
+    e = np.zeros((n_pos, n_pos, *table.shape[-2:]))
+    for n, m in itertools.product(range(n_pos), range(n_pos)):
+        offset = [
+            pm - pn + s // 2 for pm, pn, s in zip(positions[m], positions[n], sides, strict=True)
+        ]
+        if all(0 <= o < s for o, s in zip(offset, sides, strict=True)):
+            e[n, m] = table[tuple(offset)]
+    return e
 
 
 def naive_lambda_layer(variables, x, layer: LambdaLayer, mask=None):
@@ -43,15 +58,7 @@ def naive_lambda_layer(variables, x, layer: LambdaLayer, mask=None):
         mask = np.ones((n_pos, n_pos), bool)
     bias = params["position_bias"] if layer.position_bias else np.zeros(k)
     table = params["rel_embeddings"] if layer.position else np.zeros((1,) * len(spatial) + (k, u))
-    sides = table.shape[: len(spatial)]
-    positions = list(itertools.product(*[range(s) for s in spatial]))
-    e = np.zeros((n_pos, n_pos, k, u))  # E[n, m] = R[m - n], zero outside the scope
-    for n, m in itertools.product(range(n_pos), range(n_pos)):
-        offset = [
-            pm - pn + s // 2 for pm, pn, s in zip(positions[m], positions[n], sides, strict=True)
-        ]
-        if all(0 <= o < s for o, s in zip(offset, sides, strict=True)):
-            e[n, m] = table[tuple(offset)]
+    e = _naive_embeddings(table, spatial)
     y = np.zeros((b, n_pos, h * v))
     for bi in range(b):
         for n in range(n_pos):
@@ -108,9 +115,9 @@ def _x(shape, seed=1, scale=1.0):
 CASES = [
     # (spatial, d, dict of layer args)
     ((5, 5), 32, dict(scope_size=None)),  # global scope, |u| = 1
-    ((6, 6), 32, dict(scope_size=3, position_contraction="lambdas")),  # λ^p materialised
-    ((6, 6), 64, dict(scope_size=5, position_contraction="scores")),  # q·E, then values
-    ((6, 6), 32, dict(scope_size=5, dim_u=2, position_contraction="scores")),
+    ((6, 6), 32, dict(scope_size=3)),  # einsum: λ^p materialised (the smaller intermediate)
+    ((6, 6), 64, dict(scope_size=5)),  # einsum: q·E, then values
+    ((6, 6), 32, dict(scope_size=5, dim_u=2)),
     ((5, 5), 32, dict(scope_size=3, dim_u=4)),  # local scope, |u| = 4
     ((4, 5), 32, dict(scope_size=None, dim_u=4)),  # global scope, |u| = 4, non-square
     ((5, 5), 32, dict(scope_size=3, multi_head=True)),  # Appendix B.3
@@ -247,12 +254,44 @@ def test_rows_rejects_sequences_and_masks():
         layer.apply(_init(layer, x), x, mask=np.ones((9, 9), bool))
 
 
-def test_auto_contraction_forms_the_smaller_intermediate():
-    layer = LambdaLayer()  # |h| = 4, |k| = 16, |u| = 1: q·E is 4m per position, λ^p is 16|v|
-    assert not layer._use_scores(1, 4, 16, 28 * 28, 1, 32)  # 28x28x128: q·E 6x larger
-    assert layer._use_scores(1, 4, 16, 14 * 14, 1, 64)  # 14x14x256: 0.77x
-    assert layer._use_scores(1, 4, 16, 7 * 7, 1, 128)  # 7x7x512: 0.1x
-    assert LambdaLayer(position_contraction="scores")._use_scores(1, 4, 16, 28 * 28, 1, 32)
+def test_contraction_order_forms_the_smaller_intermediate():
+    # |h| = 4, |k| = 16, |u| = 1: q·E is 4m per position, λ^p is 16|v|
+    assert not _scores_first(1, 4, 16, 28 * 28, 1, 32)  # 28x28x128: q·E 6x larger
+    assert _scores_first(1, 4, 16, 14 * 14, 1, 64)  # 14x14x256: 0.77x
+    assert _scores_first(1, 4, 16, 7 * 7, 1, 128)  # 7x7x512: 0.1x
+    # the test cases of the naive reference take both orders
+    assert not _scores_first(1, 4, 16, 36, 1, 8) and _scores_first(1, 4, 16, 36, 1, 16)
+
+
+@pytest.mark.parametrize(
+    "spatial,g,j,u,v,scope,masked",
+    [
+        ((6, 6), 1, 4, 1, 8, 3, False),
+        ((6, 6), 1, 4, 2, 16, 5, False),
+        ((4, 5), 4, 1, 1, 8, None, False),  # multi-head groups, global scope
+        ((10,), 1, 2, 4, 8, 5, True),  # masked sequence
+    ],
+)
+def test_both_contraction_orders_match_the_naive_position_term(spatial, g, j, u, v, scope, masked):
+    """Σ_m (q_n E_nm) v_m: λ^p first and q·E first both equal the loop over E (numpy)."""
+    b, k, n = 2, 8, math.prod(spatial)
+    rng = np.random.default_rng(0)
+    queries = rng.standard_normal((b, n, g, j, k)).astype(np.float32)
+    values = rng.standard_normal((b, n, g, u, v)).astype(np.float32)
+    table = rng.standard_normal(position_embedding_shape(spatial, scope, k, u)).astype(np.float32)
+    mask = rng.random((n, n)) < 0.5 if masked else np.ones((n, n), bool)
+    e = _naive_embeddings(table, spatial) * mask[:, :, None, None]
+    want = np.einsum("bngjk,nmku,bmguv->bngjv", queries, e, values)
+    for scores_first in (False, True):
+        got = _position_output_einsum(
+            jnp.asarray(queries),
+            jnp.asarray(values),
+            jnp.asarray(table),
+            spatial,
+            jnp.asarray(mask) if masked else None,
+            scores_first=scores_first,
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_auto_impl_follows_the_paper_rule():
@@ -405,7 +444,7 @@ def test_bfloat16_close_to_float32(impl, scale):
         (dict(), (1, 2, 4, 4, 32), r"expects images \[b, H, W, d\] or sequences"),
         (dict(impl="fft"), (1, 4, 4, 32), "unknown impl 'fft'"),
         (dict(key_norm="max"), (1, 4, 4, 32), "unknown key_norm 'max'"),
-        (dict(position_contraction="x"), (1, 4, 4, 32), "unknown position_contraction 'x'"),
+        (dict(key_softmax_axes="k"), (1, 4, 4, 32), r"unknown key_softmax_axes 'k'.*'mu'"),
         (dict(content=False, position=False), (1, 4, 4, 32), "leaves nothing to compute"),
         (dict(multi_head=True, dim_u=2), (1, 4, 4, 32), "supports dim_u=1 only"),
     ],
@@ -413,6 +452,30 @@ def test_bfloat16_close_to_float32(impl, scale):
 def test_bad_arguments_raise_clear_errors(kwargs, shape, match):
     with pytest.raises(ValueError, match=match):
         LambdaLayer(**kwargs).init(jax.random.PRNGKey(0), jnp.zeros(shape))
+
+
+def test_contraction_order_is_not_an_attribute():
+    """The einsum's contraction order is the layer's choice (`_scores_first`), not a setting."""
+    with pytest.raises(TypeError, match="position_contraction"):
+        LambdaLayer(position_contraction="scores")
+
+
+def test_explicit_mask_with_causal_is_honoured_or_refused():
+    """causal=True plus mask=: auto takes the einsum (both masks apply); conv refuses the mask
+    (it would apply only the causal one)."""
+    n, d = 10, 16
+    kwargs = dict(dim_k=8, heads=2, scope_size=5, causal=True, dim_u=2)  # dim_u=2: auto -> conv
+    x = _x((2, n, d))
+    mask = np.random.default_rng(0).random((n, n)) < 0.5
+    auto = LambdaLayer(impl="auto", **kwargs)
+    assert auto._resolve_impl((n,), masked=False) == "conv"
+    assert auto._resolve_impl((n,), masked=True) == "einsum"
+    variables = _init(auto, x)
+    got = np.asarray(auto.apply(variables, x, mask=mask))
+    want = naive_lambda_layer(variables, x, auto, mask=mask & causal_mask(n))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    with pytest.raises(ValueError, match="impl='conv' supports causal masks only"):
+        LambdaLayer(impl="conv", **kwargs).apply(variables, x, mask=mask)
 
 
 def test_bad_mask_raises_clear_errors():
