@@ -503,7 +503,7 @@ def _model_spec(args, **fields) -> dict:
     spec |= dict(windows=args.windows, steps=args.steps, fold_bn=not args.no_fold_bn)
     config_overrides = json.loads(args.config_overrides)
     spec |= dict(config_overrides=config_overrides) if config_overrides else {}
-    spec |= dict(compile_only=True) if args.compile_only else {}
+    spec |= dict(compile_only=True) if getattr(args, "compile_only", False) else {}
     return spec | (dict(profile_dir=args.profile_dir) if args.profile_dir else {}) | fields
 
 
