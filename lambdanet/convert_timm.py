@@ -87,7 +87,7 @@ _TIMM_BYOB_LAMBDA = {
     "{block}/lambda_layer/norm_v": "{block}.self_attn.norm_v",
     "{block}/lambda_layer/rel_embeddings": "{block}.self_attn.conv_lambda.weight",
     "{block}/lambda_layer/position_bias": "{block}.self_attn.conv_lambda.bias",
-    "{lambda_block}/bn2": "{block}.post_attn",  # the BN after a lambda slot,
+    "{lambda_block}/bn2": "{block}.post_attn",  # the BN after a lambda slot
     "{block}/conv3": "{block}.conv3_1x1.conv",
     "{block}/bn3": "{block}.conv3_1x1.bn",
     "{block}/downsample_conv": "{block}.shortcut.conv",

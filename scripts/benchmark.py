@@ -1,7 +1,7 @@
 """Training and inference throughput, peak memory and compile time, side by side with timm.
 
 Prints one JSON line per measurement (device, versions, all settings). Protocol (the same for
-lambdanet and the timm peer, ../shared/ANCHORS.md): synthetic inputs already on the device, bf16
+lambdanet and the timm peer; targets and figures in results/throughput.md): synthetic inputs already on the device, bf16
 compute, SGD-Nesterov with weight decay and label smoothing 0.1 (lambdanet's own `train_step`,
 EMA off), `--warmup` steps, then the median of `--windows` timed windows of `--steps` steps,
 synchronised with `block_until_ready` (torch: `cuda.synchronize`). lambdanet's inference folds

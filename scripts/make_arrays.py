@@ -7,7 +7,7 @@ converted to RGB, its central square resized to --size, and stored as JPEG bytes
 The file layout is in `lambdanet/data/in_memory.py`.
 
 Imagenette at 128 px for the GPU (44 MiB: about 5.4 KB an image at quality 85):
-  python scripts/make_arrays.py --folder=../shared/data/imagenette --splits=train,val \
+  python scripts/make_arrays.py --folder=IMAGENETTE_DIR --splits=train,val \
       --size=128 --quality=85 --output=artifacts/imagenette_128.npz
 A TFDS split (TensorFlow is needed for this one only):
   python scripts/make_arrays.py --tfds=imagenette/160px --splits=train,validation \
