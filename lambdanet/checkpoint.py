@@ -347,11 +347,22 @@ def check_compatible(
     listed = problems[:_MAX_LISTED]
     if len(problems) > _MAX_LISTED:
         listed.append(f"  ... and {len(problems) - _MAX_LISTED} more")
+    one_side = stored.keys() ^ expected.keys()
+    layout = (
+        "One side has scanned stages (`_scan` modules) and the other not: set "
+        "config.model.scan_blocks as the checkpoint was written, or convert the variables with "
+        "lambdanet.models.scanned.scan_variables / unscan_variables.\n"
+        if any("_scan" in name for name in one_side)
+        else ""
+    )
     raise ValueError(
         f"Checkpoint step {step} in {manager.directory} (written by model_name="
         f"'{_stored_model_name(manager, step)}') does not match the model and optimizer built "
-        f"from this config; {len(problems)} entries differ:\n" + "\n".join(listed) + "\n"
-        "Use the config the checkpoint was written with (its config.json), or a fresh workdir."
+        f"from this config; {len(problems)} entries differ:\n"
+        + "\n".join(listed)
+        + "\n"
+        + layout
+        + "Use the config the checkpoint was written with (its config.json), or a fresh workdir."
     )
 
 

@@ -99,6 +99,17 @@ def test_other_architecture_lists_the_mismatched_parameters(workdir):
     assert "params/bn/scale" not in message
 
 
+def test_scanned_model_against_unrolled_checkpoint_names_scan_blocks(workdir):
+    manager = checkpoint.create_checkpoint_manager(workdir / "checkpoints", read_only=True)
+    state = _state(0)
+    scanned = state.replace(params={"c3_scan2_3": state.params["conv"], "bn": state.params["bn"]})
+    with pytest.raises(ValueError, match=r"set config.model.scan_blocks as the checkpoint"):
+        checkpoint.restore(manager, 6, scanned)
+    with pytest.raises(ValueError) as error:  # other mismatches keep the plain message
+        checkpoint.restore(manager, 6, _state(0, width=8, extra=True))
+    assert "scan_blocks" not in str(error.value)
+
+
 def _save_weights_only(directory, state) -> None:
     """A {'params', 'batch_stats'} checkpoint at step 0, as scripts/convert_timm.py writes."""
     import orbax.checkpoint as ocp

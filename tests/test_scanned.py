@@ -74,8 +74,9 @@ def test_scanned_model_matches_unrolled(overrides):
     jax.tree.map(np.testing.assert_array_equal, roundtrip, jax.tree.map(np.asarray, variables))
 
 
-def test_scanned_drop_path_draws_per_block():
-    """With stochastic depth each scanned block draws its own mask at its own rate."""
+def test_scanned_drop_path_draws_from_the_dropout_rng():
+    """Stochastic depth in scanned stages is random in training (the masks follow the dropout
+    key) and off in inference."""
     model = create_model(  # γ = 1 in the last BN: a dropped residual branch changes the output
         "lambda_resnet50", scan_blocks=True, drop_path_rate=0.9, zero_init_last_bn=False, **TINY
     )
