@@ -1,12 +1,12 @@
 """Training and inference throughput, peak memory and compile time, side by side with timm.
 
 Prints one JSON line per measurement (device, versions, all settings). Protocol (the same for
-lambdanet and the timm peer; targets and figures in results/throughput.md): synthetic inputs already on the device, bf16
-compute, SGD-Nesterov with weight decay and label smoothing 0.1 (lambdanet's own `train_step`,
-EMA off), `--warmup` steps, then the median of `--windows` timed windows of `--steps` steps,
-synchronised with `block_until_ready` (torch: `cuda.synchronize`). lambdanet's inference folds
-BatchNorm into the convs inside the timed step (`lambdanet.models.fold`; `--no-fold-bn` runs the
-BatchNorms as they are, as timm's eager peer does).
+lambdanet and the timm peer; targets and figures in results/throughput.md): synthetic inputs already
+on the device, bf16 compute, SGD-Nesterov with weight decay and label smoothing 0.1 (lambdanet's own
+`train_step`, EMA off), `--warmup` steps, then the median of `--windows` timed windows of `--steps`
+steps, synchronised with `block_until_ready` (torch: `cuda.synchronize`). lambdanet's inference
+folds BatchNorm into the convs inside the timed step (`lambdanet.models.fold`; `--no-fold-bn` runs
+the BatchNorms as they are, as timm's eager peer does).
 
 Each measurement runs in a fresh subprocess (unless `--no-isolate`), so that its peak memory is
 its own: JAX reports `peak_bytes_in_use`, torch `max_memory_allocated`. A failure (e.g. out of
@@ -288,7 +288,8 @@ def measure_input_pipeline(spec: dict) -> dict:
     config = load_config(spec["config"])
     apply_config_overrides(config, spec.get("config_overrides", {}))
     exp = train.create_experiment(config)
-    batches = sharding.prefetch_to_device(exp.dataset.train_iter(0), exp.mesh)
+    source = exp.dataset.train_iter(0)
+    batches = sharding.prefetch_to_device(source, exp.mesh)
     on_device = next(batches)
     state, input_seconds = [exp.state], [0.0]
 
@@ -307,8 +308,11 @@ def measure_input_pipeline(spec: dict) -> dict:
     rates = {True: [], False: []}
     input_seconds[0] = 0.0
     # The pipeline's windows run back to back: a pipeline with worker buffers (ArrayRecord) would
-    # refill them during an interleaved synthetic window and look faster than it is.
+    # refill them during an interleaved synthetic window and look faster than it is. Its workers
+    # stop before the on-device windows, which would otherwise share the host's CPU with them.
     for real in (True, False):
+        if not real and hasattr(source, "close"):
+            source.close()
         for _ in range(spec["windows"]):
             start = time.perf_counter()
             run_steps(n, real)
