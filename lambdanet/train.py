@@ -347,9 +347,22 @@ def create_train_state(
             first_nonfinite_step=jnp.full((), -1, jnp.int32),
         ).replace(step=jnp.zeros((), jnp.int32))
 
-    init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
     replicated = sharding.replicated_sharding(mesh)
-    return jax.jit(init, out_shardings=replicated)(init_key)
+    if jax.default_backend() == "cpu":
+        return jax.jit(init, out_shardings=replicated)(_init_key(config))
+    # The initialisers are thousands of small random-number fusions: XLA compiles them for the
+    # host CPU several times faster than for a GPU (results/throughput.md), and the values are
+    # the same threefry bits. Each process builds the same state and keeps its devices' copies.
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        host_state = jax.device_get(jax.jit(init)(_init_key(config)))
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(x.shape, replicated, lambda index: x[index]),
+        host_state,
+    )
+
+
+def _init_key(config: ml_collections.ConfigDict) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(config.seed), 0)
 
 
 def create_rngs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, Any]:

@@ -305,6 +305,9 @@ def measure_input_pipeline(spec: dict) -> dict:
 
     batch_size, n = config.global_batch_size, spec["steps"]
     run_steps(spec["warmup"], real=True)
+    # Batches the workers decoded while the step compiled would inflate the first window.
+    for _ in range(getattr(exp.dataset, "buffered_batches", 0)):
+        next(batches)
     rates = {True: [], False: []}
     input_seconds[0] = 0.0
     # The pipeline's windows run back to back: a pipeline with worker buffers (ArrayRecord) would

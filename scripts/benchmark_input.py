@@ -116,7 +116,7 @@ def _train_rate(args, warmup_batches: int, **fields) -> tuple[float, float]:
     )
     iterator = ds.train_iter(0)
     rate, startup = _steady_rate(
-        iterator, args, warmup_batches, buffered=2 * fields.get("workers", 0)
+        iterator, args, warmup_batches, buffered=getattr(ds, "buffered_batches", 0)
     )
     if hasattr(iterator, "close"):
         iterator.close()

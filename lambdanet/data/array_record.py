@@ -36,6 +36,7 @@ from absl import logging
 from lambdanet.data import batching, decode
 
 FORMAT = "lambdanet-array-record-v1"
+BUFFERED_PER_WORKER = 3  # batches: one in the worker's read buffer, two in shared memory
 MANIFEST = "manifest.json"
 CONVERT_COMMAND = (
     "python scripts/convert_to_array_record.py --folder=ROOT --output=DIR "
@@ -206,6 +207,8 @@ class ArrayRecordSource:
         self.workers = (
             max(1, (os.cpu_count() or 2) - 1) if config.workers is None else config.workers
         )
+        # Batches ready in the workers at most (a benchmark takes them before timing).
+        self.buffered_batches = BUFFERED_PER_WORKER * self.workers
 
     def _iterate(self, dataset) -> Iterator[dict[str, np.ndarray]]:
         import grain
@@ -216,8 +219,14 @@ class ArrayRecordSource:
             return
         if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; outside an absl app
             flags.FLAGS.mark_as_parsed()  # (tests, notebooks) their defaults hold
-        options = grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2)
-        iterator = iter(dataset.to_iter_dataset().mp_prefetch(options))
+        # One decoding thread per worker process and two batches buffered in each: Grain's
+        # default ReadOptions (16 threads, 500 elements prefetched per worker) would run
+        # 16 x workers decoders on the host's cores and hold hundreds of batches.
+        read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
+        options = grain.MultiprocessingOptions(
+            num_workers=self.workers, per_worker_buffer_size=BUFFERED_PER_WORKER - 1
+        )
+        iterator = iter(dataset.to_iter_dataset(read).mp_prefetch(options))
         atexit.register(iterator.close)  # stops the workers and frees their shared memory
         try:
             yield from iterator
