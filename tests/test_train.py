@@ -350,3 +350,23 @@ def test_unsynced_batch_norm_is_per_device_and_needs_no_all_reduce(tiny_config):
     # ones leave only the gradient's and the metrics' all-reduces.
     assert _all_reduces(synced, batch8) >= 10
     assert _all_reduces(exp8, batch8) <= 3
+
+
+def test_train_state_built_on_the_host_for_an_accelerator_equals_the_jitted_one(
+    tiny_config, monkeypatch
+):
+    """On a GPU/TPU backend `create_train_state` initialises on the host CPU and copies the state
+    to the mesh: the same values, dtypes and replicated shardings over all 8 devices."""
+    model = train.create_model(tiny_config, 10)
+    mesh = sharding.create_mesh()
+    lr = train.create_learning_rate_fn(tiny_config, steps_per_epoch=10, num_train_steps=100)
+    on_mesh = train.create_train_state(tiny_config, model, 32, lr, mesh)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    from_host = train.create_train_state(tiny_config, model, 32, lr, mesh)
+    leaves, host_leaves = jax.tree.leaves(on_mesh), jax.tree.leaves(from_host)
+    assert len(leaves) == len(host_leaves) > 10
+    for x, y in zip(leaves, host_leaves, strict=True):
+        assert (x.shape, x.dtype) == (y.shape, y.dtype)
+        assert y.sharding.is_equivalent_to(sharding.replicated_sharding(mesh), y.ndim)
+        assert len(y.addressable_shards) == 8
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
