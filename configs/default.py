@@ -39,6 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
             stem_conv_impl=placeholder(str),  # "space_to_depth" or "direct"
             max_pool_grad=placeholder(str),  # "views" or "scatter"
             scan_blocks=placeholder(bool),  # scanned runs of identical blocks (compile time)
+            remat=placeholder(str),  # rematerialised stages, e.g. "c4,c5" or "all"
+            remat_policy=placeholder(str),  # what they keep, e.g. "dots_saveable"
         )
     )
     config.dataset = default_dataset_config()

@@ -412,6 +412,12 @@ def test_remat_checkpoints_the_chosen_stages(tiny):
     assert checkpointed_blocks(model.clone(remat="all")) == 5
     with pytest.raises(ValueError, match="remat stages"):
         checkpointed_blocks(model.clone(remat=("c7",)))
+    with_policy = model.clone(remat="all", remat_policy="dots_saveable")
+    assert checkpointed_blocks(with_policy) == 5
+    jaxpr = str(jax.make_jaxpr(lambda v: with_policy.apply(v, x))(variables))
+    assert "policy=DotsSaveable(only_if_no_batch_dims=False)" in jaxpr
+    with pytest.raises(ValueError, match="no jax.checkpoint_policies policy"):
+        checkpointed_blocks(model.clone(remat="all", remat_policy="dots"))
 
 
 def test_drop_path_schedules():

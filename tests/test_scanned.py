@@ -48,7 +48,14 @@ def _loss_and_grads(model, variables, x):
     return value, grads, updates
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(shared_embeddings=True, remat="all")])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        dict(shared_embeddings=True, remat="all"),
+        dict(remat="c3,c4", remat_policy="dots_saveable"),
+    ],
+)
 def test_scanned_model_matches_unrolled(overrides):
     unrolled = create_model("lambda_resnet50", **TINY, **overrides)
     scanned = create_model("lambda_resnet50", scan_blocks=True, **TINY, **overrides)

@@ -282,6 +282,11 @@ class ResNet(nn.Module):
       zero_init_last_bn: γ = 0 in the last BatchNorm of every bottleneck (E.1).
       remat: stages whose blocks are rematerialised (``nn.remat``, i.e. jax.checkpoint) in the
         backward pass, e.g. ("c2", "c3") or "all": trades compute for activation memory.
+      remat_policy: what those blocks keep for the backward pass, a `jax.checkpoint_policies`
+        name: None keeps nothing but the block's input (everything is recomputed);
+        "dots_saveable" keeps the conv and matmul outputs and recomputes only BatchNorm,
+        activations and the other elementwise work; with ``scan_blocks`` this bounds what the
+        scan's loop stores per block.
       scan_blocks: every run of two or more identical blocks (`block_runs`) is one `nn.scan`
         over a block whose variables are stacked along a leading layer axis (module
         ``{stage}_scan{first}_{last}``): the compiled program holds one block per run, so
@@ -314,6 +319,7 @@ class ResNet(nn.Module):
     dropout_rate: float = 0.0
     zero_init_last_bn: bool = True
     remat: Sequence[str] | str = ()
+    remat_policy: str | None = None
     scan_blocks: bool = False
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
@@ -350,7 +356,7 @@ class ResNet(nn.Module):
         x = self._stem(jnp.asarray(x, self.dtype), conv, norm, act)
         features, stride, tables = {"stem": x}, 4, {}
         for s, (stage, block_types) in enumerate(zip(stages, placement, strict=True)):
-            block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if stage in remat else Bottleneck
+            block_cls = self._remat(Bottleneck) if stage in remat else Bottleneck
             for first, last in block_runs(block_types, self.scan_blocks):
                 block_type = block_types[first]
                 shared = block_type == "L" and self.shared_embeddings
@@ -463,6 +469,16 @@ class ResNet(nn.Module):
                 self.param_dtype,
             )
         return tables[stride]
+
+    def _remat(self, block: type[nn.Module]) -> type[nn.Module]:
+        policy = self.remat_policy and getattr(jax.checkpoint_policies, self.remat_policy, None)
+        if self.remat_policy and not callable(policy):
+            raise ValueError(
+                f"remat_policy={self.remat_policy!r} is no jax.checkpoint_policies policy; use "
+                "None (recompute everything) or e.g. 'dots_saveable' (keep conv outputs)"
+            )
+        # Inside a scan the loop already keeps the blocks apart, so CSE barriers only cost.
+        return nn.remat(block, static_argnums=(2,), policy=policy, prevent_cse=not self.scan_blocks)
 
     def _remat_stages(self, stages: Sequence[str]) -> frozenset[str]:
         names = stages if self.remat == "all" else self.remat
