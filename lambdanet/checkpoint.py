@@ -36,6 +36,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
+from lambdanet.models import scanned
+
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 CHECKSUM_FILE = "checksums.json"
@@ -389,15 +391,18 @@ def restore_weights(manager: ocp.CheckpointManager, step: int, state: Any) -> An
     weights-only checkpoint); step and optimizer state stay those of `state`, and the EMA (if
     any) starts from the restored params. For eval-only and `config.init_from` (fine-tuning)."""
     target = {name: getattr(state, name) for name in WEIGHTS}
-    stored = _stored_tree(manager, step)
-    check_compatible(manager, step, target, stored={k: stored[k] for k in WEIGHTS if k in stored})
     sharding = jax.tree.leaves(target)[0].sharding
     abstract = jax.tree.map(
-        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding), stored
+        lambda meta: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding),
+        _stored_tree(manager, step),
     )
+    # Unrolled weights (timm's, older runs) load into a scanned model and back.
+    stored = {k: abstract[k] for k in WEIGHTS if k in abstract}
+    converted = jax.eval_shape(lambda w: scanned.match_layout(w, target), stored)
+    check_compatible(manager, step, target, stored=converted)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     restored = manager.restore(step, args=args)["state"]
-    weights = {name: restored[name] for name in WEIGHTS}
+    weights = scanned.match_layout({name: restored[name] for name in WEIGHTS}, target)
     ema = None if state.ema_params is None else weights["params"]
     return state.replace(**weights, ema_params=ema)
 

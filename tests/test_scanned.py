@@ -113,3 +113,51 @@ def test_incomplete_variables_rejected():
     del params["c3_block3"]
     with pytest.raises(ValueError, match=r"c3_scan2_3 stacks .*'c3_block3'\] are missing"):
         scan_variables(scanned, {"params": params})
+
+
+def _train_state(variables):
+    import optax
+
+    from lambdanet import train
+
+    return train.TrainState.create(
+        apply_fn=None,
+        params=variables["params"],
+        tx=optax.sgd(0.1, momentum=0.9),
+        batch_stats=variables["batch_stats"],
+        ema_params=None,
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+        first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+@pytest.mark.parametrize("saved_scanned", [False, True])
+def test_checkpoint_weights_restore_into_the_other_layout(tmp_path, saved_scanned):
+    """A real checkpoint written by an unrolled model (or a scanned one) restores, for
+    fine-tuning and evaluation (`restore_weights`), into a scanned (or unrolled) model."""
+    import ml_collections
+
+    from lambdanet import checkpoint
+
+    unrolled = create_model("lambda_resnet50", **TINY)
+    scanned = create_model("lambda_resnet50", scan_blocks=True, **TINY)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 64, 64, 3)), jnp.float32)
+    variables = unrolled.init(jax.random.key(0), x)
+    layouts = {False: variables, True: scan_variables(scanned, variables)}
+    saved, wanted = layouts[saved_scanned], layouts[not saved_scanned]
+    manager = checkpoint.create_checkpoint_manager(tmp_path / "checkpoints")
+    config = ml_collections.ConfigDict(dict(model_name="lambda_resnet50"))
+    checkpoint.save(manager, _train_state(saved).replace(step=jnp.asarray(3)), config, None)
+    manager.wait_until_finished()
+    fresh = (scanned if not saved_scanned else unrolled).init(jax.random.key(1), x)
+    restored = checkpoint.restore_weights(manager, 3, _train_state(fresh))
+    for got, expected in [
+        (restored.params, wanted["params"]),
+        (restored.batch_stats, wanted["batch_stats"]),
+    ]:
+        assert jax.tree.structure(got) == jax.tree.structure(expected)
+        jax.tree.map(np.testing.assert_array_equal, got, expected)
+    wrong = create_model("lambda_resnet50", **{**TINY, "base_width": 4}).init(jax.random.key(1), x)
+    with pytest.raises(ValueError, match="entries differ"):
+        checkpoint.restore_weights(manager, 3, _train_state(wrong))
+    manager.close()

@@ -9,10 +9,15 @@ scanned model through `scan_variables`, and a scanned run's variables go back th
 
     scanned = create_model("lambda_resnet152", scan_blocks=True)
     variables = scan_variables(scanned, unrolled_variables)
+
+`match_layout` does the same from the module names alone (no model needed): checkpoints restored
+for fine-tuning and evaluation (`lambdanet.checkpoint.restore_weights`) take the layout of the
+model they are restored into.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,8 +47,7 @@ def scan_variables(model: ResNet, variables: Mapping[str, Any]) -> dict[str, Any
         present = [b for b in blocks if b in tree]
         if present:
             _check_complete(collection, scan_name, blocks, present)
-            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(tree.pop(b) for b in blocks))
-            tree[scan_name] = {"block": stacked}
+            _stack(tree, scan_name, blocks)
 
     return _per_run(model, variables, stack)
 
@@ -53,11 +57,22 @@ def unscan_variables(model: ResNet, variables: Mapping[str, Any]) -> dict[str, A
 
     def unstack(collection: str, tree: dict, scan_name: str, blocks: list[str]) -> None:
         if scan_name in tree:
-            stacked = tree.pop(scan_name)["block"]
-            for i, block in enumerate(blocks):
-                tree[block] = jax.tree.map(lambda x, i=i: x[i], stacked)
+            _unstack(tree, scan_name, blocks)
 
     return _per_run(model, variables, unstack)
+
+
+def _stack(tree: dict, scan_name: str, blocks: list[str]) -> None:
+    """Replaces the modules ``blocks`` of ``tree`` by ``scan_name`` stacking them."""
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(tree.pop(b) for b in blocks))
+    tree[scan_name] = {"block": stacked}
+
+
+def _unstack(tree: dict, scan_name: str, blocks: list[str]) -> None:
+    """Replaces the module ``scan_name`` of ``tree`` by its slices ``blocks``."""
+    stacked = tree.pop(scan_name)["block"]
+    for i, block in enumerate(blocks):
+        tree[block] = jax.tree.map(lambda x, i=i: x[i], stacked)
 
 
 def _per_run(model: ResNet, variables: Mapping[str, Any], convert) -> dict[str, Any]:
@@ -78,3 +93,36 @@ def _check_complete(collection: str, scan_name: str, blocks: list[str], present:
             f"{collection}: {scan_name} stacks {blocks}, but {missing} are missing; the variables "
             "are not of this model (check its placement and stage sizes)"
         )
+
+
+_SCAN_NAME = re.compile(r"^(?P<stage>\w+?)_scan(?P<first>\d+)_(?P<last>\d+)$")
+
+
+def match_layout(variables: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, Any]:
+    """``variables`` ({"params": ..., "batch_stats": ...}) in the layout of ``like`` (a tree of
+    the same collections, arrays or shapes): each module ``{stage}_scan{first}_{last}`` of
+    ``like`` that ``variables`` lacks is stacked from ``{stage}_block{first..last}``, and each
+    such module of ``variables`` that ``like`` lacks is unstacked into those blocks. Works under
+    `jax.eval_shape`; what it cannot match is left for the caller's structure check."""
+    converted = {}
+    for collection, tree in variables.items():
+        tree, target = dict(tree), like.get(collection, {})
+        for name in [n for n in target if n not in tree]:
+            blocks = _stacked_blocks(name)
+            if blocks and all(b in tree for b in blocks):
+                _stack(tree, name, blocks)
+        for name in [n for n in list(tree) if n not in target]:
+            blocks = _stacked_blocks(name)
+            if blocks and all(b in target for b in blocks):
+                _unstack(tree, name, blocks)
+        converted[collection] = tree
+    return converted
+
+
+def _stacked_blocks(name: str) -> list[str]:
+    """``c4_scan2_6`` -> ["c4_block2", ..., "c4_block6"]; [] for any other module name."""
+    match = _SCAN_NAME.match(name)
+    if not match:
+        return []
+    first, last = int(match["first"]), int(match["last"])
+    return [f"{match['stage']}_block{i}" for i in range(first, last + 1)]
