@@ -46,8 +46,8 @@ fast.ai's imagenette2-160 folder; see configs/imagenette.py):
     python scripts/make_arrays.py --folder=IMAGENETTE_DIR --splits=train,val --size=128 \
         --quality=85 --output=artifacts/imagenette_128.npz
     python scripts/sweep_hybrids.py --config=configs/imagenette.py --workdir=workdir/hybrids \
-        --seeds=3 --parallel=3 --deadline_s=480 --results=results/raw/hybrids_imagenette.jsonl \
-        --table=results/raw/hybrids_imagenette \
+        --seeds=3 --parallel=3 --deadline_s=480 --stop_grace_s=30 \
+        --results=results/raw/hybrids_imagenette.jsonl --table=results/raw/hybrids_imagenette \
         --config.dataset.path=artifacts/imagenette_128.npz
 
 Run it again until it exits 0; on a fresh machine it reruns only what the results file lacks.
@@ -81,6 +81,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lambdanet import config_loading
+from lambdanet.checkpoint import CHECKPOINT_DIR
 from lambdanet.train import EXIT_STOPPED, FINAL_METRICS_FILE
 
 if __package__:  # imported as scripts.sweep_hybrids
@@ -146,6 +147,11 @@ def define_flags() -> None:
     flags.register_validator(
         "parallel", lambda n: n >= 1, "--parallel is the number of runs per GPU: give 1 or more."
     )
+    flags.register_validator(
+        "gpus",
+        lambda ids: bool(ids) and all(i.isdigit() for i in ids),
+        "--gpus lists the GPU indices to use, e.g. --gpus=0,1.",
+    )
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -154,7 +160,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     overrides = [arg for arg in argv[1:] if arg.startswith("--config.")]
     rest = app.parse_flags_with_usage([arg for arg in argv if arg not in overrides])
     if len(rest) > 1:
-        sys.exit(f"sweep_hybrids: unexpected arguments {rest[1:]}; flags start with --.")
+        sys.exit(
+            f"sweep_hybrids: unexpected arguments {rest[1:]}: give flags as --NAME=VALUE (the "
+            "runs' overrides as --config.FIELD=VALUE)."
+        )
     return [argv[0], *overrides]
 
 
@@ -331,7 +340,8 @@ def train_job(entry, placement, seed, workdir, overrides, parallel, estimate) ->
     """The run of `entry` with `seed` in WORKDIR/<entry>/seed<seed>, with the --config.FIELD
     `overrides` of every run; `parallel` runs share its GPU."""
     path = run_dir(workdir, entry.name, seed)
-    resumed = os.path.isdir(os.path.join(path, "checkpoints"))
+    checkpoints = os.path.join(path, CHECKPOINT_DIR)
+    resumed = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
     command = [sys.executable, "-m", "lambdanet.main", f"--config={entry.config}"]
     command += [f"--workdir={os.path.abspath(path)}", f"--config.seed={seed}"]
     command += [*override_args(entry.overrides), *overrides]
@@ -658,7 +668,7 @@ def main(argv: list[str]) -> None:
             write_table_only(argv[1:])
         else:
             sys.exit(run_sweep(argv[1:]))
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         sys.exit(f"sweep_hybrids: {error}")
 
 

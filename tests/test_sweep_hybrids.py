@@ -140,6 +140,7 @@ def test_sweep_entries_are_data_in_both_forms():
         (["--seeds=0"], "--seeds is the number of seeds per entry: give 1 or more"),
         (["--parallel=0"], "--parallel is the number of runs per GPU: give 1 or more"),
         (["--config.model.nope=1"], "the config has no field 'nope'"),
+        (["--gpus="], "--gpus lists the GPU indices to use, e.g. --gpus=0,1."),
     ],
 )
 def test_bad_input_is_refused_before_anything_starts(tmp_path, argv, message):
