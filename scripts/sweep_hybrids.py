@@ -378,7 +378,8 @@ def run_jobs(jobs: list[Job], slots: list[str], stop: Stopper, on_result, grace_
     """Runs `jobs`, one per slot (the GPU index it runs on) at a time, from the repository root;
     calls `on_result(line)` for each that succeeded. Returns (keys of the jobs left, logs of
     those that failed)."""
-    pending, running, failed = list(jobs), {}, []  # running: slot number -> (job, process, start)
+    pending, running = list(jobs), {}  # running: slot number -> (job, process, start)
+    left, failed = [], []
     while pending or running:
         for slot, (job, process, start) in list(running.items()):
             if process.poll() is None:
@@ -387,12 +388,14 @@ def run_jobs(jobs: list[Job], slots: list[str], stop: Stopper, on_result, grace_
             result = job.finish(time.monotonic() - start) if process.returncode == 0 else None
             if result:
                 on_result(result)
-            elif process.returncode != EXIT_STOPPED and not stop():
+            elif process.returncode == EXIT_STOPPED or stop():  # stopped by a signal
+                left.append(job.key)
+            else:
                 failed.append(job.log)
         if stop():
             _stop_processes([process for _, process, _ in running.values()], grace_s)
             in_flight = [job for job, _, _ in running.values()]
-            return [job.key for job in pending + in_flight], failed
+            return left + [job.key for job in pending + in_flight], failed
         for slot in [i for i in range(len(slots)) if i not in running]:
             job = next((j for j in pending if stop.fits(j.estimate_s())), None)
             if job is None:
@@ -400,9 +403,9 @@ def run_jobs(jobs: list[Job], slots: list[str], stop: Stopper, on_result, grace_
             pending.remove(job)
             running[slot] = (job, _start(job, slots[slot]), time.monotonic())
         if pending and not running:  # none fits before the deadline
-            return [job.key for job in pending], failed
+            return left + [job.key for job in pending], failed
         time.sleep(POLL_S)
-    return [], failed
+    return left, failed
 
 
 def _start(job: Job, gpu: str) -> subprocess.Popen:
@@ -493,7 +496,7 @@ def markdown_table(rows: list[dict], note: str = "") -> str:
     return "\n".join(lines + ([] if pairs else ["- none"])) + "\n"
 
 
-def plot(rows: list[dict], path: str, title: str = "") -> None:
+def plot(rows: list[dict], path: str) -> None:
     """Top-1 (error bars: one std) against inference img/s, each point labelled by its entry;
     the all-conv and all-lambda entries are the end points (squares, joined by a dotted line)."""
     import matplotlib
@@ -518,7 +521,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> None:
         )
         point = (row["infer_img_per_s"], row["top1_mean"])
         axes.annotate(row["entry"], point, textcoords="offset points", xytext=(5, 4), fontsize=8)
-    axes.set(xlabel="inference throughput (images/s)", ylabel="top-1 (%)", title=title)
+    axes.set(xlabel="inference throughput (images/s)", ylabel="top-1 (%), mean ± std over seeds")
     axes.grid(alpha=0.3)
     if len(ends) == 2:
         axes.legend()
