@@ -208,6 +208,20 @@ def test_run_estimates_come_from_finished_runs_that_did_not_resume():
     )
 
 
+def test_finished_workdirs_count_as_results(tmp_path):
+    entry = sweep.Entry("CCLL", "configs/hybrid_resnet50.py", {"model.placement": "C,C,L,L"})
+    final = dict(eval_top1=0.75, num_params=15_560_000, train_time_sec=100.0)
+    for seed in (0, 1):
+        (tmp_path / "CCLL" / f"seed{seed}").mkdir(parents=True)
+        (tmp_path / "CCLL" / f"seed{seed}" / "final_metrics.json").write_text(json.dumps(final))
+    records = [_run("CCLL", 0, 0.5)]  # seed 0 has its line: not read again
+    found = sweep.finished_runs([entry], {"CCLL": "C,C,L,L"}, 3, str(tmp_path), records)
+    assert [(r["seed"], r["top1"], r["wall_s"], r["resumed"]) for r in found] == [
+        (1, 0.75, None, None)
+    ]
+    assert found[0]["workdir"] == str(tmp_path / "CCLL" / "seed1")
+
+
 def sweep_outputs(prefix):
     return sorted(f"{prefix}.{ext}" for ext in ("csv", "md", "png"))
 
