@@ -6,10 +6,12 @@ top-1 (unconfirmed).
     python -m lambdanet.main --config=configs/hybrid_resnet50.py --workdir=workdir/hybrid_CCLL \
         --config.model.placement=C,C,L,L --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS
 
-All of the table's rows (`hybrid_placements`), one training run each, into one CSV/Markdown
-table of placement, params, inference throughput and top-1:
+All of the table's rows (`hybrid_placements`), `--seeds` training runs each, into one
+CSV/Markdown table of placement, params, inference and training throughput and top-1 (mean ± std)
+and a plot of top-1 against throughput (scripts/sweep_hybrids.py):
 
-    python scripts/sweep_hybrids.py --config=configs/hybrid_resnet50.py --workdir=workdir/hybrids
+    python scripts/sweep_hybrids.py --config=configs/hybrid_resnet50.py --workdir=workdir/hybrids \
+        --seeds=3 --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS
 """
 
 from pathlib import Path

@@ -22,13 +22,17 @@ carries; its eval crop is the central 112 px, resized to 128):
         --quality=85 --output=artifacts/imagenette_128.npz
 
 `--config.dataset.name=image_folder` streams the folder with TFDS ImageFolder instead.
+
+`get_sweep()` is the hybrid table on Imagenette, for scripts/sweep_hybrids.py (whose docstring
+gives the command): ResNet-50, the paper's seven hybrid placements (the `hybrid` model, its small
+embeddings kept, with `model.placement` set) and LambdaResNet-26t.
 """
 
 from pathlib import Path
 
 import ml_collections
 
-from lambdanet.config_loading import load_config
+from lambdanet.config_loading import load_config, load_module
 
 # Argument -> (registry model, create_model overrides).
 # The ResNet lambda models start their relative embeddings E at std |k|^-1/2 = 0.25 instead of
@@ -43,6 +47,25 @@ MODELS = {
     "lambda_resnet26t": ("lambda_resnet26t", {}),
     "lambda_resnet50": ("lambda_resnet50", SMALL_EMBEDDINGS),
 }
+
+# The hybrid table's placements but C,C,C,C (the `resnet50` entry of the sweep).
+_PAPER_TABLE = load_module(Path(__file__).with_name("hybrid_resnet50.py")).HYBRID_PLACEMENTS
+HYBRID_PLACEMENTS = _PAPER_TABLE[1:]
+
+
+def get_sweep() -> list[tuple[str, str, dict]]:
+    """The entries of the Imagenette hybrid sweep: (name, config relative to the repository
+    root, {config field: value} overrides)."""
+    this = "configs/imagenette.py"
+    hybrids = [
+        (placement.replace(",", ""), f"{this}:hybrid", {"model.placement": placement})
+        for placement in HYBRID_PLACEMENTS
+    ]
+    return [
+        ("resnet50", f"{this}:resnet50", {}),
+        *hybrids,
+        ("lambda_resnet26t", f"{this}:lambda_resnet26t", {}),
+    ]
 
 
 def get_config(model: str = "resnet50") -> ml_collections.ConfigDict:

@@ -81,7 +81,8 @@ flags.register_multi_flags_validator(
     "--workdir is required (except with --print_config).",
 )
 
-EXIT_STOPPED = 75  # stopped by a signal with a checkpoint saved: resume with the same command
+# Stopped by a signal with a checkpoint saved: resume with the same command.
+EXIT_STOPPED = train.EXIT_STOPPED
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -53,6 +53,9 @@ from lambdanet.data import Dataset, create_dataset
 
 FINAL_METRICS_FILE = "final_metrics.json"
 EVAL_METRICS_FILE = "eval_metrics.json"
+# lambdanet.main's exit status when a signal stopped the run with a checkpoint saved (defined
+# here so that tools read it without importing main's flags).
+EXIT_STOPPED = 75
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
