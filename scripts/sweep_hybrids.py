@@ -11,14 +11,15 @@ names a config file and is read in one of two forms:
 Every `--config.FIELD=VALUE` after the flags goes to every run (e.g. the dataset's path).
 
 Run (entry, seed k): `python -m lambdanet.main --config=CONFIG --workdir=WORKDIR/<entry>/seed<k>
---config.seed=k --config.FIELD=VALUE...`, from the repository root, its console log appended to
-WORKDIR/<entry>/seed<k>/log.txt; `--parallel` P runs per GPU of `--gpus` (CUDA_VISIBLE_DEVICES;
-XLA_PYTHON_CLIENT_MEM_FRACTION 0.9/P when P > 1), seed by seed (every entry's seed 0 first: the
-table fills in early, and later seeds load their programs from JAX's compilation cache, which
-concurrent runs of one entry would each compile). Before the runs, while no run holds a GPU, each
-entry's inference and training throughput is measured once, alone on one GPU, in its own process
-(scripts/benchmark.py's `measure_jax_model`: synthetic inputs, 1,000 classes, the config's image
-size and precision, batch `--throughput_batch_size`), its output in WORKDIR/<entry>/<mode>.txt.
+--config.seed=k --config.data_seed=k --config.FIELD=VALUE...`, from the repository root, its
+console log appended to WORKDIR/<entry>/seed<k>/log.txt; `--parallel` P runs per GPU of
+`--gpus` (CUDA_VISIBLE_DEVICES; XLA_PYTHON_CLIENT_MEM_FRACTION 0.9/P when P > 1), seed by seed
+(every entry's seed 0 first: the table fills in early, and later seeds load their programs from
+JAX's compilation cache, which concurrent runs of one entry would each compile). Before the
+runs, while no run holds a GPU, each entry's inference and training throughput is measured once,
+alone on one GPU, in its own process (scripts/benchmark.py's `measure_jax_model`: synthetic
+inputs, 1,000 classes, the config's image size and precision, batch `--throughput_batch_size`),
+its output in WORKDIR/<entry>/<mode>.txt.
 
 Every finished run (entry, placement, seed, top-1, parameters, train and wall time, workdir) and
 every measurement is one JSON line appended to the first file of `--results` (default
@@ -131,7 +132,7 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Directory of the runs (WORKDIR/<entry>/seed<k>).")
     flags.DEFINE_list("results", None, "JSON-lines files: all read, new lines go to the first.")
     flags.DEFINE_string("table", None, "TABLE.csv/.md/.png (default WORKDIR/hybrids).")
-    flags.DEFINE_integer("seeds", 3, "Seeds per entry: config.seed = 0 .. N-1.")
+    flags.DEFINE_integer("seeds", 3, "Seeds per entry: config.seed = config.data_seed = 0 .. N-1.")
     flags.DEFINE_integer("parallel", 1, "Runs at once per GPU.")
     flags.DEFINE_list("gpus", ["0"], "GPU indices the runs are spread over.")
     flags.DEFINE_list("only", None, "Entries to run (default: all of the sweep).")
@@ -343,7 +344,12 @@ def train_job(entry, placement, seed, workdir, overrides, parallel, estimate) ->
     checkpoints = os.path.join(path, CHECKPOINT_DIR)
     resumed = os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
     command = [sys.executable, "-m", "lambdanet.main", f"--config={entry.config}"]
-    command += [f"--workdir={os.path.abspath(path)}", f"--config.seed={seed}"]
+    # A seed draws the initialisation, dropout and the data order and augmentation.
+    command += [
+        f"--workdir={os.path.abspath(path)}",
+        f"--config.seed={seed}",
+        f"--config.data_seed={seed}",
+    ]
     command += [*override_args(entry.overrides), *overrides]
     memory = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{MEMORY_SHARED / parallel:.3f}"}
 
@@ -569,8 +575,8 @@ def table_note(records: list[dict]) -> str:
     devices = ", ".join(sorted({str(r.get("device")) for r in speeds})) or "-"
     batches = ", ".join(sorted({str(r.get("batch_size")) for r in speeds})) or "-"
     return (
-        "Top-1: final validation top-1 of each seed (config.seed), mean ± sample standard "
-        "deviation. Parameters: the trained model's. Throughput: scripts/benchmark.py "
+        "Top-1: final validation top-1 of each seed (config.seed and data_seed), mean ± sample "
+        "standard deviation. Parameters: the trained model's. Throughput: scripts/benchmark.py "
         f"(measure_jax_model), each entry alone on one GPU, synthetic inputs, 1,000 classes, "
         f"batch {batches}, on {devices}."
     )
