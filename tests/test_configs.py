@@ -138,6 +138,8 @@ def test_every_config_takes_the_implementation_choices(name):
     assert (model.stem_conv_impl, model.max_pool_grad) == ("space_to_depth", "views")  # unset
     config.model.lambda_layer.impl, config.model.stem_conv_impl = "einsum", "direct"
     config.model.lambda_layer.scope_size, config.model.scan_blocks = 9, True
+    config.model.remat, config.model.remat_policy = "all", "dots_saveable"
     model = train.create_model(config, num_classes=10)
     assert (model.lambda_layer["impl"], model.stem_conv_impl) == ("einsum", "direct")
     assert model.lambda_layer["scope_size"] == 9 and model.scan_blocks
+    assert (model.remat, model.remat_policy) == ("all", "dots_saveable")
