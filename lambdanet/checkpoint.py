@@ -168,6 +168,10 @@ def create_checkpoint_manager(
     callback = None if read_only else lambda: _checksum_newest_save(directory)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation,
+        # Writes each save's metrics next to it (orbax does so only with a best_fn): without
+        # them a reopened manager (a resumed run) ranks nothing and deletes the best step.
+        best_fn=lambda metrics: metrics[BEST_METRIC],
+        best_mode="max",
         enable_async_checkpointing=True,
         async_options=ocp.AsyncOptions(post_finalization_callback=callback),
         read_only=read_only,

@@ -45,6 +45,31 @@ def test_keeps_the_last_k_and_the_best(workdir):
     assert checkpoint.list_steps(workdir / checkpoint.CHECKPOINT_DIR) == [2, 5, 6]
 
 
+def test_a_reopened_manager_ranks_by_the_saved_metrics(workdir):
+    """A better step (10, top-1 0.95) replaces the best (2, 0.9); reopened, the manager still
+    knows step 10 is the best and keeps it past the next saves."""
+    manager = checkpoint.create_checkpoint_manager(workdir / "checkpoints", 2)
+    for step, metrics in [(7, None), (8, {"top1": 0.3}), (9, None), (10, {"top1": 0.95})]:
+        checkpoint.save(manager, _state(step), CONFIG, metrics)
+        manager.wait_until_finished()
+    assert sorted(manager.all_steps()) == [9, 10]
+    manager.close()
+    manager = checkpoint.create_checkpoint_manager(workdir / "checkpoints", 2)
+    for step in (11, 12):
+        checkpoint.save(manager, _state(step), CONFIG, None)
+        manager.wait_until_finished()
+    assert sorted(manager.all_steps()) == [10, 11, 12]
+    manager.close()
+
+
+def test_resume_keeps_the_best_of_the_earlier_run(workdir):
+    manager = checkpoint.create_checkpoint_manager(workdir / "checkpoints", 2)
+    checkpoint.save(manager, _state(7), CONFIG, None)
+    manager.wait_until_finished()
+    assert sorted(manager.all_steps()) == [2, 6, 7]
+    manager.close()
+
+
 def test_restores_the_saved_state(workdir):
     manager = checkpoint.create_checkpoint_manager(workdir / "checkpoints", read_only=True)
     restored = checkpoint.restore(manager, 5, _state(0))
