@@ -17,9 +17,9 @@ console log appended to WORKDIR/<entry>/seed<k>/log.txt; `--parallel` P runs per
 (every entry's seed 0 first: the table fills in early, and later seeds load their programs from
 JAX's compilation cache, which concurrent runs of one entry would each compile). Before the
 runs, while no run holds a GPU, each entry's inference and training throughput is measured once,
-alone on one GPU, in its own process (scripts/benchmark.py's `measure_jax_model`: synthetic
-inputs, 1,000 classes, the config's image size and precision, batch `--throughput_batch_size`),
-its output in WORKDIR/<entry>/<mode>.txt.
+alone on one GPU, both in one process (`scripts/benchmark.py --no-isolate --modes=infer,train`:
+synthetic inputs, 1,000 classes, the config's image size and precision, batch
+`--throughput_batch_size`), its output in WORKDIR/<entry>/throughput.txt.
 
 Every finished run (entry, placement, seed, top-1, parameters, train and wall time, workdir) and
 every measurement is one JSON line appended to the first file of `--results` (default
@@ -85,11 +85,6 @@ from lambdanet import config_loading
 from lambdanet.checkpoint import CHECKPOINT_DIR
 from lambdanet.train import EXIT_STOPPED, FINAL_METRICS_FILE
 
-if __package__:  # imported as scripts.sweep_hybrids
-    from scripts import benchmark
-else:  # run as scripts/sweep_hybrids.py, whose directory is first on sys.path
-    import benchmark
-
 ROOT = Path(__file__).resolve().parents[1]
 RUN_LOG = "log.txt"
 THROUGHPUT_MODES = ("infer", "train")
@@ -118,12 +113,12 @@ class Entry:
 class Job:
     """One subprocess of the sweep (a training run or a throughput measurement)."""
 
-    key: tuple  # ("run", entry, seed) or ("throughput", entry, mode)
+    key: tuple  # ("run", entry, seed) or ("throughput", entry)
     command: list[str]
     log: str  # its stdout and stderr
     env: dict  # added to the environment, with the slot's GPU
     estimate_s: Callable[[], float | None]  # its expected wall time now (None: unknown)
-    finish: Callable[[float], dict | None]  # (wall s) -> its result line, None if it failed
+    finish: Callable[[float], list[dict]]  # (wall s) -> its result lines, [] if it failed
 
 
 def define_flags() -> None:
@@ -304,37 +299,35 @@ def estimate_s(records: list[dict], kind: str, entry: str, default: float) -> fl
     return statistics.median(times) if times else (default or None)
 
 
-def throughput_spec(config, mode: str, batch_size: int, steps: int) -> dict:
-    """scripts/benchmark.py's model measurement of the config's model (1,000 classes)."""
-    return dict(
-        kind="model",
-        model=config.model_name,
-        overrides=config.model.to_dict(),
-        mode=mode,
-        image_size=config.dataset.image_size,
-        dtype="bfloat16" if config.half_precision else "float32",
-        batch_size=batch_size,
-        num_classes=1000,
-        warmup=steps,
-        windows=3,
-        steps=steps,
-    )
+def throughput_job(
+    entry: Entry, placement: str, config, modes: Sequence[str], log: str, estimate
+) -> Job:
+    """One process that measures `modes` of the config's model in turn (scripts/benchmark.py's
+    model measurement, 1,000 classes, `--throughput_batch_size`), its output in `log`."""
+    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--no-isolate"]
+    command += [f"--model={config.model_name}", f"--overrides={json.dumps(config.model.to_dict())}"]
+    command += [f"--modes={','.join(modes)}", f"--image-size={config.dataset.image_size}"]
+    command += ["--dtype=" + ("bfloat16" if config.half_precision else "float32")]
+    command += [f"--batch-size={FLAGS.throughput_batch_size}", "--num-classes=1000"]
+    steps = FLAGS.throughput_steps
+    command += [f"--warmup={steps}", "--windows=3", f"--steps={steps}"]
 
+    def finish(wall_s: float) -> list[dict]:
+        lines = [line for line in Path(log).read_text().splitlines() if line.startswith("{")]
+        measured = [json.loads(line) for line in lines]
+        measured = [m for m in measured if "img_per_s" in m]
+        if [m["mode"] for m in measured] != list(modes):
+            return []
+        head = dict(kind="throughput", entry=entry.name, placement=placement)
+        return [
+            head
+            | dict(mode=m["mode"])
+            | {k: m.get(k) for k in THROUGHPUT_FIELDS}
+            | dict(wall_s=wall_s)
+            for m in measured
+        ]
 
-def throughput_job(entry: Entry, placement: str, spec: dict, log: str, estimate) -> Job:
-    """The measurement `spec` of `entry`, its output in `log`."""
-
-    def finish(wall_s: float) -> dict | None:
-        output = Path(log).read_text()
-        record = benchmark.worker_record(spec, output, 0, output)
-        if "img_per_s" not in record:
-            return None
-        fields = {k: record.get(k) for k in THROUGHPUT_FIELDS}
-        head = dict(kind="throughput", entry=entry.name, placement=placement, mode=spec["mode"])
-        return head | fields | dict(wall_s=wall_s)
-
-    key = ("throughput", entry.name, spec["mode"])
-    return Job(key, benchmark.worker_command(spec), log, {}, estimate, finish)
+    return Job(("throughput", entry.name), command, log, {}, estimate, finish)
 
 
 def train_job(entry, placement, seed, workdir, overrides, parallel, estimate) -> Job:
@@ -353,8 +346,8 @@ def train_job(entry, placement, seed, workdir, overrides, parallel, estimate) ->
     command += [*override_args(entry.overrides), *overrides]
     memory = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{MEMORY_SHARED / parallel:.3f}"}
 
-    def finish(wall_s: float) -> dict:
-        return run_record(entry, placement, seed, path, wall_s=wall_s, resumed=resumed)
+    def finish(wall_s: float) -> list[dict]:
+        return [run_record(entry, placement, seed, path, wall_s=wall_s, resumed=resumed)]
 
     log, env = os.path.join(path, RUN_LOG), memory if parallel > 1 else {}
     return Job(("run", entry.name, seed), command, log, env, estimate, finish)
@@ -391,10 +384,12 @@ def run_jobs(jobs: list[Job], slots: list[str], stop: Stopper, on_result, grace_
             if process.poll() is None:
                 continue
             del running[slot]
-            result = job.finish(time.monotonic() - start) if process.returncode == 0 else None
-            if result:
+            results = job.finish(time.monotonic() - start) if process.returncode == 0 else []
+            for result in results:
                 on_result(result)
-            elif process.returncode == EXIT_STOPPED or stop():  # stopped by a signal
+            if results:
+                continue
+            if process.returncode == EXIT_STOPPED or stop():  # stopped by a signal
                 left.append(job.key)
             else:
                 failed.append(job.log)
@@ -602,18 +597,21 @@ def run_sweep(overrides: list[str]) -> int:
         on_result(record)
     write_table(summarize(records, order), table, table_note(records))
     done = {result_key(r) for r in records}
+    missing = {
+        entry.name: [m for m in THROUGHPUT_MODES if ("throughput", entry.name, m) not in done]
+        for entry in entries
+    }
     measurements = [
         throughput_job(
             entry,
             labels[entry.name],
-            throughput_spec(
-                configs[entry.name], mode, FLAGS.throughput_batch_size, FLAGS.throughput_steps
-            ),
-            os.path.join(FLAGS.workdir, entry.name, f"{mode}.txt"),
+            configs[entry.name],
+            missing[entry.name],
+            os.path.join(FLAGS.workdir, entry.name, "throughput.txt"),
             lambda entry=entry: estimate_s(records, "throughput", entry.name, 0.0),
         )
-        for entry, mode in itertools.product(entries, THROUGHPUT_MODES)
-        if ("throughput", entry.name, mode) not in done
+        for entry in entries
+        if missing[entry.name]
     ]
     runs = [
         train_job(

@@ -152,7 +152,7 @@ def test_bad_input_is_refused_before_anything_starts(tmp_path, argv, message):
 
 def _sleeper(tmp_path, name, seconds, estimate=None):
     def finish(wall_s):
-        return {"kind": "run", "entry": name, "seed": 0, "wall_s": wall_s}
+        return [{"kind": "run", "entry": name, "seed": 0, "wall_s": wall_s}]
 
     command = [sys.executable, "-c", f"import time; time.sleep({seconds})"]
     log = str(tmp_path / f"{name}.txt")
@@ -192,7 +192,8 @@ def test_given_results_are_not_run_again(tmp_path):
     command += ["--only=CCCL"]
     result = subprocess.run(command, capture_output=True, timeout=120, **kwargs)
     assert result.returncode == sweep.EXIT_STOPPED, result.stderr[-2000:]
-    assert "2 measurement(s) and 1 run(s) left (not expected to end before the deadline)" in (
+    # One measurement process per entry (both modes), one run.
+    assert "1 measurement(s) and 1 run(s) left (not expected to end before the deadline)" in (
         result.stderr
     )
     assert not (tmp_path / "w" / "CCCL").exists()
