@@ -351,17 +351,26 @@ def create_train_state(
         ).replace(step=jnp.zeros((), jnp.int32))
 
     replicated = sharding.replicated_sharding(mesh)
-    if jax.default_backend() == "cpu":
+    host = _host_cpu() if jax.default_backend() != "cpu" else None
+    if host is None:
         return jax.jit(init, out_shardings=replicated)(_init_key(config))
     # The initialisers are thousands of small random-number fusions: XLA compiles them for the
     # host CPU several times faster than for a GPU (results/throughput.md), and the values are
     # the same threefry bits. Each process builds the same state and keeps its devices' copies.
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    with jax.default_device(host):
         host_state = jax.device_get(jax.jit(init)(_init_key(config)))
     return jax.tree.map(
         lambda x: jax.make_array_from_callback(x.shape, replicated, lambda index: x[index]),
         host_state,
     )
+
+
+def _host_cpu() -> jax.Device | None:
+    """The first CPU device of this process; None when JAX_PLATFORMS leaves the CPU out."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
 
 
 def _init_key(config: ml_collections.ConfigDict) -> jax.Array:

@@ -370,3 +370,11 @@ def test_train_state_built_on_the_host_for_an_accelerator_equals_the_jitted_one(
         assert y.sharding.is_equivalent_to(sharding.replicated_sharding(mesh), y.ndim)
         assert len(y.addressable_shards) == 8
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    def no_cpu_backend(backend=None):  # JAX_PLATFORMS=cuda: the CPU backend is not there
+        raise RuntimeError(f"Unknown backend {backend}")
+
+    monkeypatch.setattr(jax, "local_devices", no_cpu_backend)
+    on_devices = jax.tree.leaves(train.create_train_state(tiny_config, model, 32, lr, mesh))
+    for x, y in zip(on_devices, host_leaves, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
