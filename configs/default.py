@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
             lambda_layer=ml_collections.ConfigDict(
                 dict(
                     impl=placeholder(str),  # "auto", "einsum", "conv", "rows"
-                    scope_size=placeholder(int),  # r (None: global)
+                    scope_size=placeholder(int),  # r (0: global)
                     dim_k=placeholder(int),  # |k|
                     heads=placeholder(int),  # |h|
                     dim_u=placeholder(int),  # |u|

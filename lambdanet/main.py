@@ -12,7 +12,8 @@ Any field the config defines can be overridden, e.g. with `--config=configs/lamb
 `--config.global_batch_size=512 --config.model.dropout_rate=0.1`. Every config defines the model's
 implementation choices `stem_conv_impl`, `max_pool_grad`, `scan_blocks`, `remat` and
 `remat_policy` and the common lambda-layer settings
-`lambda_layer.{impl,scope_size,dim_k,heads,dim_u,embedding_init_std}` (unset: the model's own).
+`lambda_layer.{impl,scope_size,dim_k,heads,dim_u,embedding_init_std}` (unset: the model's own;
+`scope_size=0`: the global scope).
 ml_collections overrides only fields that exist: another model attribute that the config does not
 set (say `se_ratio`) is set in a config file (`config.model.se_ratio = 0.25`).
 

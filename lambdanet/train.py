@@ -60,7 +60,8 @@ EXIT_STOPPED = 75
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     """`config.model_name` from the registry, with `config.model` as constructor overrides (a
-    field left None, or a mapping of such, keeps the model's own value)."""
+    field left None, or a mapping of such, keeps the model's own value). None being "unset",
+    `lambda_layer.scope_size=0` stands for the global scope (the layer's scope_size=None)."""
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
     overrides = {}
     for key, value in config.model.to_dict().items():
@@ -68,6 +69,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
             value = {k: v for k, v in value.items() if v is not None} or None
         if value is not None:
             overrides[key] = value
+    if overrides.get("lambda_layer", {}).get("scope_size") == 0:
+        overrides["lambda_layer"] = {**overrides["lambda_layer"], "scope_size": None}
     return models.create_model(config.model_name, num_classes=num_classes, dtype=dtype, **overrides)
 
 

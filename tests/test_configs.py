@@ -143,3 +143,5 @@ def test_every_config_takes_the_implementation_choices(name):
     assert (model.lambda_layer["impl"], model.stem_conv_impl) == ("einsum", "direct")
     assert model.lambda_layer["scope_size"] == 9 and model.scan_blocks
     assert (model.remat, model.remat_policy) == ("all", "dots_saveable")
+    config.model.lambda_layer.scope_size = 0  # the global scope (None would mean "unset")
+    assert train.create_model(config, num_classes=10).lambda_layer["scope_size"] is None
