@@ -486,29 +486,22 @@ def run_measurement(spec: dict) -> dict:
     return record
 
 
-def worker_command(spec: dict) -> list[str]:
-    """The command (run from ROOT) of a fresh process that prints `run_measurement(spec)` as its
-    last JSON line (`worker_record` reads it)."""
-    return [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--worker", json.dumps(spec)]
-
-
-def worker_record(spec: dict, stdout: str, returncode: int, stderr: str) -> dict:
-    """The record a `worker_command` printed on `stdout`, else an error record with the end of
-    its `stderr`."""
-    for line in reversed(stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    return dict(spec) | {"error": f"worker exited {returncode}: {stderr[-500:]}"}
-
-
 def run_isolated(spec: dict, device: int | None = None) -> dict:
     """`run_measurement` in a fresh Python process (its own peak memory; survives crashes), on
     GPU `device` alone (CUDA_VISIBLE_DEVICES) if given."""
     env = None if device is None else os.environ | {"CUDA_VISIBLE_DEVICES": str(device)}
     out = subprocess.run(
-        worker_command(spec), capture_output=True, text=True, check=False, cwd=ROOT, env=env
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--worker", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+        env=env,
     )
-    return worker_record(spec, out.stdout, out.returncode, out.stderr)
+    for line in reversed(out.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return dict(spec) | {"error": f"worker exited {out.returncode}: {out.stderr[-500:]}"}
 
 
 def _model_spec(args, **fields) -> dict:

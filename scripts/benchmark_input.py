@@ -129,7 +129,7 @@ def measure_loader(args) -> None:
         for workers in map(int, args.processes.split(",")):
             rate, startup = _train_rate(
                 args,
-                max(2, workers * 3),  # start-up, then the workers' buffers
+                max(2, workers * 3),  # start-up: a few batches from every worker
                 name="array_record",
                 path=args.shards,
                 image_size=size,
