@@ -1,5 +1,6 @@
 """The TF-free ArrayRecord path: converter (bad files, resume, tars), decoders, Grain loader."""
 
+import dataclasses
 import io
 import json
 import os
@@ -484,3 +485,30 @@ def test_input_benchmark_prints_one_json_line_per_measurement(shards):
         ).stdout
         (record,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         assert record["kind"] == mode and record["size"] == 32 and record["img_per_s"] > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _CountedBatches:
+    """A train batch function that leaves a file per batch it makes (in any worker process)."""
+
+    batches: object
+    folder: str
+
+    def __call__(self, step: int):
+        Path(self.folder, f"{step}.{os.getpid()}").touch()
+        return self.batches(step)
+
+
+def test_grain_workers_buffer_a_few_batches_not_hundreds(shards, tmp_path):
+    source = data.create_dataset(
+        _config(shards, workers=2), global_batch_size=2, eval_batch_size=2, seed=0
+    )
+    source.train_batch = _CountedBatches(source.train_batch, str(tmp_path))
+    iterator = source.train_iter()
+    next(iterator)
+    time.sleep(3)  # the workers fill whatever their buffers hold
+    made = len(os.listdir(tmp_path))
+    iterator.close()
+    # The benchmarks take `buffered_batches` before timing: all the workers made ahead. Grain's
+    # default ReadOptions (16 threads, 500 elements prefetched a worker) make 1,000 here.
+    assert made - 1 <= source.buffered_batches == 2 * array_record.AHEAD_PER_WORKER, made

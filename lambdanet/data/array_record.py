@@ -36,7 +36,10 @@ from absl import logging
 from lambdanet.data import batching, decode
 
 FORMAT = "lambdanet-array-record-v1"
-BUFFERED_PER_WORKER = 3  # batches: one in the worker's read buffer, two in shared memory
+# Batches a Grain worker makes ahead of the consumer with the options of `_iterate` (counted
+# by a test): the one it is making, the one waiting to enter its queue, the one in its queue
+# (per_worker_buffer_size=1) and the one the parent process has read ahead from that queue.
+AHEAD_PER_WORKER = 4
 MANIFEST = "manifest.json"
 CONVERT_COMMAND = (
     "python scripts/convert_to_array_record.py --folder=ROOT --output=DIR "
@@ -207,8 +210,8 @@ class ArrayRecordSource:
         self.workers = (
             max(1, (os.cpu_count() or 2) - 1) if config.workers is None else config.workers
         )
-        # Batches ready in the workers at most (a benchmark takes them before timing).
-        self.buffered_batches = BUFFERED_PER_WORKER * self.workers
+        # Batches the workers make ahead at most (a benchmark takes them before timing).
+        self.buffered_batches = AHEAD_PER_WORKER * self.workers
 
     def _iterate(self, dataset) -> Iterator[dict[str, np.ndarray]]:
         import grain
@@ -219,13 +222,11 @@ class ArrayRecordSource:
             return
         if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; outside an absl app
             flags.FLAGS.mark_as_parsed()  # (tests, notebooks) their defaults hold
-        # One decoding thread per worker process and two batches buffered in each: Grain's
-        # default ReadOptions (16 threads, 500 elements prefetched per worker) would run
-        # 16 x workers decoders on the host's cores and hold hundreds of batches.
-        read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
-        options = grain.MultiprocessingOptions(
-            num_workers=self.workers, per_worker_buffer_size=BUFFERED_PER_WORKER - 1
-        )
+        # Each worker process decodes one batch at a time, AHEAD_PER_WORKER ahead at most:
+        # Grain's default ReadOptions (16 threads, 500 elements prefetched per worker) would run
+        # 16 x workers decoders on the host's cores and make hundreds of batches ahead.
+        read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=0)
+        options = grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=1)
         iterator = iter(dataset.to_iter_dataset(read).mp_prefetch(options))
         atexit.register(iterator.close)  # stops the workers and frees their shared memory
         try:
