@@ -48,7 +48,15 @@ from flax import linen as nn
 from flax.training import train_state
 from jax.experimental import multihost_utils
 
-from lambdanet import checkpoint, config_checks, metric_writers, models, sharding, workdir_lock
+from lambdanet import (
+    checkpoint,
+    config_checks,
+    metric_writers,
+    models,
+    sharding,
+    step_cache,
+    workdir_lock,
+)
 from lambdanet.data import Dataset, create_dataset
 
 FINAL_METRICS_FILE = "final_metrics.json"
@@ -403,8 +411,9 @@ class Experiment:
     """Everything a run needs, built and checked before anything is compiled.
 
     train_step(state, batch, rngs) -> (state, TrainMetrics) and eval_step(state, batch, rngs) ->
-    EvalMetrics are jitted over `mesh`; the train step donates its input state, so `state` (the
-    initial one) is consumed by the first step.
+    EvalMetrics are jitted over `mesh` (`step_cache.CachedStep`: a later process with the same
+    config loads their traced programs); the train step donates its input state, so `state`
+    (the initial one) is consumed by the first step.
     """
 
     mesh: jax.sharding.Mesh
@@ -414,8 +423,8 @@ class Experiment:
     learning_rate_fn: optax.Schedule
     state: TrainState
     rngs: dict[str, jax.Array]
-    train_step: Callable[..., tuple[TrainState, TrainMetrics]]
-    eval_step: Callable[..., EvalMetrics]
+    train_step: step_cache.CachedStep
+    eval_step: step_cache.CachedStep
 
 
 def create_experiment(
@@ -458,8 +467,17 @@ def create_experiment(
         learning_rate_fn=learning_rate_fn,
         state=create_train_state(config, model, ds.image_size, learning_rate_fn, mesh),
         rngs=create_rngs(config, mesh),
-        train_step=jax.jit(train_step_fn, donate_argnums=0, out_shardings=replicated),
-        eval_step=jax.jit(eval_step_fn, out_shardings=replicated),
+        train_step=step_cache.CachedStep(
+            jax.jit(train_step_fn, donate_argnums=0, out_shardings=replicated),
+            lambda state, batch, rngs: (state, TrainMetrics.empty()),
+            key=dict(step="train", config=checkpoint.config_to_dict(config)),
+            donate_argnums=(0,),
+        ),
+        eval_step=step_cache.CachedStep(
+            jax.jit(eval_step_fn, out_shardings=replicated),
+            lambda state, batch, rngs: EvalMetrics.empty(),
+            key=dict(step="eval", config=checkpoint.config_to_dict(config)),
+        ),
     )
 
 
@@ -790,8 +808,9 @@ def _train(
 
 
 def _first_train_step(config, exp: Experiment, state: TrainState, batch) -> tuple:
-    """The first step of a run, with a console line before and after: it compiles the train step
-    or loads it from JAX's persistent compilation cache, which can take minutes for deep models."""
+    """The first step of a run, with a console line before and after: it traces the train step
+    (or loads its traced program) and compiles it (or loads it from JAX's persistent compilation
+    cache), which can take minutes for deep models."""
     cache_dir = jax.config.jax_compilation_cache_dir
     cached = _cache_entries(cache_dir)
     logging.info(
@@ -805,12 +824,20 @@ def _first_train_step(config, exp: Experiment, state: TrainState, batch) -> tupl
     how = "compiled"
     if cache_dir:
         how = "compiled and cached" if _cache_entries(cache_dir) > cached else "loaded from cache"
-    logging.info("Train step %s; the first step took %.1f s.", how, time.perf_counter() - start)
+    logging.info(
+        "Train step %s (%s); the first step took %.1f s.",
+        how,
+        exp.train_step.how,
+        time.perf_counter() - start,
+    )
     return state, step_metrics
 
 
 def _cache_entries(cache_dir: str | None) -> int:
-    return len(os.listdir(cache_dir)) if cache_dir and os.path.isdir(cache_dir) else 0
+    """Compiled programs in JAX's cache directory (the traced programs' folder not counted)."""
+    if not cache_dir or not os.path.isdir(cache_dir):
+        return 0
+    return len(set(os.listdir(cache_dir)) - {step_cache.TRACED_DIR})
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint_ref: str = "") -> dict:

@@ -10,7 +10,10 @@ the BatchNorms as they are, as timm's eager peer does).
 
 Each measurement runs in a fresh subprocess (unless `--no-isolate`), so that its peak memory is
 its own: JAX reports `peak_bytes_in_use`, torch `max_memory_allocated`. A failure (e.g. out of
-memory) is reported in the record's "error" field, never as a crash.
+memory) is reported in the record's "error" field, never as a crash. The train step's
+`compile_s` is its lowering + compilation; with JAX_COMPILATION_CACHE_DIR set the step runs as
+`lambdanet.main` runs it (`step_cache.CachedStep`), and `first_step_s` is its first step, traced
+or loaded (`traced_program`) and compiled or loaded: run twice for a second process's time.
 
 Modes (`scripts/benchmark.py` is the command line):
   python scripts/benchmark.py --model resnet50 --peer timm:resnet50
@@ -157,7 +160,7 @@ def measure_jax_model(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from lambdanet import sharding, train
+    from lambdanet import checkpoint, sharding, step_cache, train
 
     config = load_config(spec.get("config", "resnet50"))
     if spec.get("model"):
@@ -200,8 +203,20 @@ def measure_jax_model(spec: dict) -> dict:
             donate_argnums=0,
         )
         start = time.perf_counter()
-        compiled = step.lower(state, batch, rngs).compile()
-        result["compile_s"] = time.perf_counter() - start
+        if jax.config.jax_compilation_cache_dir:  # as lambdanet.main runs it: cached programs
+            compiled = step_cache.CachedStep(
+                step,
+                lambda state, batch, rngs: (state, train.TrainMetrics.empty()),
+                key=dict(step="benchmark_train", config=checkpoint.config_to_dict(config)),
+                donate_argnums=(0,),
+            )
+            state, _ = compiled(state, batch, rngs)
+            jax.block_until_ready(state)
+            result["first_step_s"] = time.perf_counter() - start
+            result["traced_program"] = compiled.how.split(" from ")[0].split(" to ")[0]
+        else:
+            compiled = step.lower(state, batch, rngs).compile()
+            result["compile_s"] = time.perf_counter() - start
         if spec.get("compile_only"):
             return result
         holder = [state]
@@ -828,7 +843,8 @@ def main(argv=None):
     parser.add_argument(
         "--compile-only",
         action="store_true",
-        help="train mode: time initialisation (init_s) and the step's lowering + compilation only",
+        help="train mode: time initialisation (init_s) and the step's lowering + compilation "
+        "(or first step, with JAX_COMPILATION_CACHE_DIR) only",
     )
     parser.add_argument(
         "--parallel",

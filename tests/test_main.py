@@ -110,7 +110,8 @@ def test_demo_command_trains_compiles_once_and_eval_only_reproduces_it(tmp_path)
     log = _demo(f"--workdir={tmp_path}", *overrides)
     assert log.count("Compiling jit(train_step)") == 1
     assert "Compiling the train step for lambda_resnet50" in log  # said before the long wait
-    assert re.search(r"Train step (compiled and cached|loaded from cache); the first step", log)
+    how = r"\((traced and saved to|traced program loaded from) \S+\)"
+    assert re.search(rf"Train step (compiled and cached|loaded from cache) {how}; the first", log)
     assert "step 60/60 (100.0%)" in log and "ETA" in log
     assert "Learning rate: peak 0.1 = 0.4 x 64 / 256" in log
     with open(tmp_path / "config.json") as f:

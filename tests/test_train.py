@@ -278,7 +278,7 @@ def test_finished_workdir_is_left_unchanged_and_another_model_keeps_its_config(
 
 
 def _all_reduces(exp: train.Experiment, batch) -> int:
-    hlo = exp.train_step.lower(exp.state, batch, exp.rngs).compile().as_text()
+    hlo = exp.train_step.fn.lower(exp.state, batch, exp.rngs).compile().as_text()
     return len(re.findall(r"= [^\n]*all-reduce(?:-start)?\(", hlo))
 
 
