@@ -101,7 +101,10 @@ class CachedStep:
             return jax.tree.leaves(out)
 
         donated = _leaf_positions(in_tree.unflatten(leaves), self.donate_argnums)
-        specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in leaves]
+        specs = [
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+            for x in leaves
+        ]
         exported = jax.export.export(jax.jit(flat_fn, donate_argnums=donated))(*specs)
         if traced_tree[0] != out_tree:
             raise ValueError(
@@ -126,7 +129,7 @@ def _fingerprint(key: dict[str, Any], args: tuple) -> str:
     devices = [(d.platform, d.device_kind, d.id) for d in jax.devices()]
     settings = {name: str(getattr(jax.config, name, None)) for name in _JAX_SETTINGS}
     leaves = [
-        (jax.tree_util.keystr(path), tuple(x.shape), str(x.dtype), str(x.sharding))
+        (jax.tree_util.keystr(path), tuple(x.shape), str(x.dtype), str(getattr(x, "sharding", "")))
         for path, x in jax.tree_util.tree_flatten_with_path(args)[0]
     ]
     described = dict(

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from absl import flags
+from absl import flags, logging
 from absl.testing import flagsaver
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -21,8 +21,11 @@ DEMO = str(REPO / "configs" / "demo.py")
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Runs `main.main` with flags set (as if parsed), recording its call into `train`."""
-    recorded = []
+    """Runs `main.main` with flags set (as if parsed), recording its call into `train`.
+
+    Parsing the flags sets absl's log level from --verbosity (warnings only); it is restored
+    after, or later tests in this process would lose their INFO records."""
+    recorded, level = [], logging.get_absl_logger().level
     monkeypatch.setattr(
         train, "train_and_evaluate", lambda *a, **k: recorded.append(("train", a, k)) or {}
     )
@@ -36,6 +39,7 @@ def calls(monkeypatch):
 
     yield run
     flags.FLAGS.unparse_flags()
+    logging.get_absl_logger().setLevel(level)
 
 
 def test_modes_and_checkpoint_flag(calls, tmp_path):

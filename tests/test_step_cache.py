@@ -8,6 +8,7 @@ from pathlib import Path
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from lambdanet import sharding, step_cache, train
@@ -88,6 +89,14 @@ def test_another_key_or_shape_names_another_program(cache_dir):
     state, batch = _args()
     _cached("a")(state, {"x": jnp.ones((6, 4))})
     assert len(list(cache_dir.iterdir())) == 3
+
+
+def test_host_arrays_are_arguments_too(cache_dir):
+    state, batch = _args()
+    host = {"x": np.ones((5, 4), np.float32)}
+    expected = jax.jit(_step)(*_args()[:1], host)
+    chex.assert_trees_all_equal(_cached()(state, host), expected)
+    chex.assert_trees_all_equal(_cached()(_args()[0], host), expected)  # loaded
 
 
 def test_the_donated_state_is_consumed(cache_dir):
