@@ -55,6 +55,8 @@ def test_a_second_step_with_the_same_key_loads_the_traced_program(cache_dir):
     chex.assert_trees_all_equal(second(*_args()), expected)
     assert second.how == f"traced program loaded from {saved}"
     chex.assert_trees_all_equal(second(*_args()), expected)  # later calls: the same program
+    compiled = _cached().compile(*_args())  # ahead of time, as the benchmark times it
+    chex.assert_trees_all_equal(compiled(*_args()), expected)
 
 
 _PROCESS = """
