@@ -104,10 +104,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 class _QuietLibraries(std_logging.Filter):
-    """Keeps warnings and errors of orbax (which logs every save at INFO), drops its info lines."""
+    """Keeps warnings and errors of orbax (which logs every save at INFO), drops its info lines
+    and the warning it gives for each save without eval metrics: only the saves after an
+    evaluation carry them (the best checkpoint is ranked among those), by design."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        return record.levelno >= std_logging.WARNING and not record.getMessage().startswith(
+            "Requested `tracked_metric`; did not provide metrics"
+        )
 
 
 _QUIET_LIBRARIES = _QuietLibraries()

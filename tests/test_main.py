@@ -1,6 +1,7 @@
 """The command line: flags reach the config and the mode; a real run writes its workdir."""
 
 import json
+import logging as std_logging
 import os
 import re
 import socket
@@ -193,3 +194,18 @@ def test_two_processes_train_like_one_process_with_as_many_devices(tmp_path):
     for name in ("train_loss", "eval_loss", "eval_top1"):
         assert two_processes[name] == pytest.approx(one_process[name], rel=1e-5), name
     assert (tmp_path / "two" / "checkpoints" / "2").is_dir()
+
+
+def test_console_filter_drops_orbax_chatter_but_keeps_its_warnings():
+    def record(path, level, message):
+        return std_logging.LogRecord("absl", level, path, 1, message, None, None)
+
+    orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    keep = main._QUIET_LIBRARIES.filter
+    assert keep(record("/lambdanet/train.py", std_logging.INFO, "Resuming from step 4."))
+    assert keep(record(orbax, std_logging.WARNING, "Checkpoint save failed."))
+    assert not keep(record(orbax, std_logging.INFO, "Saving checkpoint at step 4."))
+    # every interval save without eval metrics (by design) would warn
+    assert not keep(
+        record(orbax, std_logging.WARNING, "Requested `tracked_metric`; did not provide metrics.")
+    )
