@@ -512,3 +512,29 @@ def test_grain_workers_buffer_a_few_batches_not_hundreds(shards, tmp_path):
     # The benchmarks take `buffered_batches` before timing: all the workers made ahead. Grain's
     # default ReadOptions (16 threads, 500 elements prefetched a worker) make 1,000 here.
     assert made - 1 <= source.buffered_batches == 2 * array_record.AHEAD_PER_WORKER, made
+
+
+@dataclasses.dataclass(frozen=True)
+class _OpenCvThreads:
+    """A train batch function that records OpenCV's thread count in the process it runs in."""
+
+    batches: object
+    folder: str
+
+    def __call__(self, step: int):
+        import cv2
+
+        Path(self.folder, f"{os.getpid()}-{cv2.getNumThreads()}").touch()
+        return self.batches(step)
+
+
+def test_grain_workers_decode_on_one_thread_each(shards, tmp_path):
+    source = data.create_dataset(
+        _config(shards, workers=2), global_batch_size=2, eval_batch_size=2, seed=0
+    )
+    source.train_batch = _OpenCvThreads(source.train_batch, str(tmp_path))
+    iterator = source.train_iter()
+    next(iterator), next(iterator)
+    iterator.close()
+    # a spawned worker starts with OpenCV's default, one thread per core
+    assert {name.split("-")[1] for name in os.listdir(tmp_path)} == {"1"}

@@ -125,6 +125,14 @@ def _crop_resize(image: np.ndarray, box: Box, scale_y: float, scale_x: float, si
     )
 
 
+def _one_thread() -> None:
+    """One decoding process per core, no thread pools inside: OpenCV's resize runs one thread per
+    core by default, in each (spawned) worker process: 15 workers on 16 cores ran 240 threads."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 class Decoder:
     """decode_crop(bytes, box_fn, size) -> RGB uint8 [size, size, 3] with one of `DECODERS`."""
 
@@ -132,10 +140,11 @@ class Decoder:
         if name not in DECODERS:
             raise ValueError(f"config.dataset.decoder={name!r}: use one of {DECODERS}.")
         self.name, self.fast_dct = name, fast_dct
-        if name in ("simplejpeg", "opencv"):
-            import cv2
+        _one_thread()
 
-            cv2.setNumThreads(1)  # one decoding process per core; no thread pools inside
+    def __setstate__(self, state: dict) -> None:  # unpickled in a Grain worker process
+        self.__dict__.update(state)
+        _one_thread()
 
     def decode_crop(self, data: bytes, box_fn: BoxFn, size: int) -> np.ndarray:
         if not data:
