@@ -488,14 +488,17 @@ def test_input_benchmark_prints_one_json_line_per_measurement(shards):
 
 
 @dataclasses.dataclass(frozen=True)
-class _CountedBatches:
-    """A train batch function that leaves a file per batch it makes (in any worker process)."""
+class _MarkedBatches:
+    """A train batch function that leaves a file STEP.PID.OPENCV_THREADS per batch it makes, in
+    whichever worker process makes it."""
 
     batches: object
     folder: str
 
     def __call__(self, step: int):
-        Path(self.folder, f"{step}.{os.getpid()}").touch()
+        import cv2
+
+        Path(self.folder, f"{step}.{os.getpid()}.{cv2.getNumThreads()}").touch()
         return self.batches(step)
 
 
@@ -503,7 +506,7 @@ def test_grain_workers_buffer_a_few_batches_not_hundreds(shards, tmp_path):
     source = data.create_dataset(
         _config(shards, workers=2), global_batch_size=2, eval_batch_size=2, seed=0
     )
-    source.train_batch = _CountedBatches(source.train_batch, str(tmp_path))
+    source.train_batch = _MarkedBatches(source.train_batch, str(tmp_path))
     iterator = source.train_iter()
     next(iterator)
     time.sleep(3)  # the workers fill whatever their buffers hold
@@ -514,27 +517,13 @@ def test_grain_workers_buffer_a_few_batches_not_hundreds(shards, tmp_path):
     assert made - 1 <= source.buffered_batches == 2 * array_record.AHEAD_PER_WORKER, made
 
 
-@dataclasses.dataclass(frozen=True)
-class _OpenCvThreads:
-    """A train batch function that records OpenCV's thread count in the process it runs in."""
-
-    batches: object
-    folder: str
-
-    def __call__(self, step: int):
-        import cv2
-
-        Path(self.folder, f"{os.getpid()}-{cv2.getNumThreads()}").touch()
-        return self.batches(step)
-
-
 def test_grain_workers_decode_on_one_thread_each(shards, tmp_path):
     source = data.create_dataset(
         _config(shards, workers=2), global_batch_size=2, eval_batch_size=2, seed=0
     )
-    source.train_batch = _OpenCvThreads(source.train_batch, str(tmp_path))
+    source.train_batch = _MarkedBatches(source.train_batch, str(tmp_path))
     iterator = source.train_iter()
     next(iterator), next(iterator)
     iterator.close()
     # a spawned worker starts with OpenCV's default, one thread per core
-    assert {name.split("-")[1] for name in os.listdir(tmp_path)} == {"1"}
+    assert {name.split(".")[2] for name in os.listdir(tmp_path)} == {"1"}
