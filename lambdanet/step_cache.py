@@ -7,7 +7,8 @@ cache hit (LambdaResNet-152 scanned, H200: 8.1 s, of which tracing and lowering 
 named by a hash of everything the program is a function of:
 
 * the caller's key (the step's name and the whole config),
-* the source files of the lambdanet package,
+* the source files of the lambdanet package and of the other imported modules outside the
+  installed libraries (`source_files`),
 * the versions of the libraries that trace it, and the jax settings that change tracing,
 * the arguments' tree paths, shapes, dtypes and shardings, and the devices.
 
@@ -22,6 +23,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -159,11 +161,26 @@ def _fingerprint(key: dict[str, Any], args: tuple) -> str:
 
 @functools.cache
 def _sources_digest() -> str:
-    package = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for file in sorted(package.rglob("*.py")):
-        digest.update(str(file.relative_to(package)).encode() + b"\0" + file.read_bytes())
+    for file in sorted(source_files()):
+        digest.update(str(file).encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()
+
+
+def source_files() -> set[Path]:
+    """lambdanet's Python files, and those of every imported module outside the installed
+    libraries (a model registered by the user's own code, a script, a config file): an edit to
+    any of them keys new programs."""
+    files = set(Path(__file__).resolve().parent.rglob("*.py"))
+    installed = {os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix)}
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None) or ""
+        real = os.path.realpath(file)
+        if not file.endswith(".py") or any(real.startswith(root) for root in installed):
+            continue
+        if "site-packages" not in real and "dist-packages" not in real and os.path.isfile(real):
+            files.add(Path(real))
+    return files
 
 
 @functools.cache

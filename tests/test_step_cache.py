@@ -153,3 +153,10 @@ def test_the_loaded_train_step_equals_the_traced_one_on_8_devices(tiny_config, c
     chex.assert_trees_all_equal(saved, jitted)
     chex.assert_trees_all_equal(loaded, jitted)
     assert all(x.sharding.is_fully_replicated for x in loaded)
+
+
+def test_the_key_covers_code_outside_the_package():
+    files = step_cache.source_files()
+    assert Path(step_cache.__file__).resolve() in files
+    assert Path(__file__).resolve() in files  # e.g. a model the user's own module registers
+    assert not any("site-packages" in str(f) for f in files)
