@@ -487,6 +487,21 @@ def test_input_benchmark_prints_one_json_line_per_measurement(shards):
         assert record["kind"] == mode and record["size"] == 32 and record["img_per_s"] > 0
 
 
+def test_input_benchmark_times_the_torchvision_peer(tmp_path):
+    pytest.importorskip("torchvision")
+    root = _folder(tmp_path / "folder", per_class=2)
+    command = [sys.executable, str(REPO / "scripts" / "benchmark_input.py"), f"--folder={root}"]
+    command += ["--mode=torch", "--split=train", "--processes=0,1", "--sizes=32"]
+    command += ["--seconds=0.5", "--batch-size=4"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True).stdout
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["kind"], r["workers"]) for r in records] == [
+        ("torch_dataloader", 0),
+        ("torch_dataloader", 1),
+    ]
+    assert all(r["img_per_s"] > 0 and r["size"] == 32 for r in records)
+
+
 @dataclasses.dataclass(frozen=True)
 class _MarkedBatches:
     """A train batch function that leaves a file STEP.PID.OPENCV_THREADS per batch it makes, in
