@@ -92,22 +92,23 @@ class CachedStep:
         leaves, in_tree = jax.tree.flatten(args)
         out_tree = jax.tree.structure(self.out_structure(*args))
         path = Path(cache_dir, TRACED_DIR, f"{self.key['step']}-{_fingerprint(self.key, args)}")
+        donated = _leaf_positions(args, self.donate_argnums)
         exported = _load(path, len(leaves), out_tree.num_leaves)
         if exported is not None:
             self.how = f"traced program loaded from {path}"
         else:
-            exported = self._export(leaves, in_tree, out_tree)
+            exported = self._export(leaves, in_tree, out_tree, donated)
             self.how = f"traced and saved to {path}" if _save(path, exported) else "traced"
 
         def program(*flat_args):
             return exported.call(*flat_args)
 
         program.__name__ = f"{self.key['step']}_step"  # JAX's log names it "jit(train_step)"
-        run = jax.jit(program, donate_argnums=_leaf_positions(args, self.donate_argnums))
+        run = jax.jit(program, donate_argnums=donated)
         self._flat_run, self._out_tree = run, out_tree
         return lambda *a: out_tree.unflatten(run(*jax.tree.leaves(a)))
 
-    def _export(self, leaves: list, in_tree, out_tree) -> jax.export.Exported:
+    def _export(self, leaves: list, in_tree, out_tree, donated: tuple[int, ...]):
         traced_tree = []
 
         def flat_fn(*flat_args):
@@ -115,7 +116,6 @@ class CachedStep:
             traced_tree.append(jax.tree.structure(out))
             return jax.tree.leaves(out)
 
-        donated = _leaf_positions(in_tree.unflatten(leaves), self.donate_argnums)
         specs = [
             jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
             for x in leaves
