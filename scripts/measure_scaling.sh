@@ -16,7 +16,8 @@
 #
 # Resumable: what OUT_DIR already holds is not measured again. With DEADLINE_S, no measurement
 # starts that the previous one's duration says would end after DEADLINE_S seconds; run the same
-# command again (on 8 GPUs, each of the 12 measurements takes about 4 x 50 s, mostly compiling).
+# command again (on 8 GPUs, each of the 12 measurements should take about 4 x 50 s, mostly
+# compiling, from the ~50 s a count took on one H200).
 set -euo pipefail
 out=$1 counts=$2 arrays=${3:-} deadline=${DEADLINE_S:-0}
 mkdir -p "$out"
@@ -34,7 +35,7 @@ if [[ -n $arrays ]]; then
     CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) python3 -m lambdanet.main \
       --config=configs/imagenette.py:resnet50 --config.dataset.path="$arrays" \
       --config.num_train_steps=200 --config.log_every_steps=10 --config.eval_every_epochs=0 \
-      --workdir="workdir/data_parallel_${n}gpu" >"$log" 2>&1
+      --workdir="workdir/data_parallel_${n}gpu" >>"$log" 2>&1  # a resumed run keeps its log
   done
 fi
 
