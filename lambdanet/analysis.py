@@ -1,7 +1,8 @@
 """Parameter counts, FLOPs and the Table 4 memory model of the registered architectures.
 
-* `count_params`: from ``jax.eval_shape`` of ``model.init``: shapes only, no initialisation, so
-  LambdaResNet-420 is counted in seconds.
+* `count_params`: a model's parameters, from ``jax.eval_shape`` of ``model.init``: shapes only,
+  no initialisation, so the deepest LambdaResNets are counted without materialising them;
+  `num_params` counts a parameter tree.
 * `flops`: XLA's cost analysis of the compiled inference forward pass. XLA counts a
   multiply-add as 2 FLOPs; the paper's "FLOPS" (and the usual 4.1B of ResNet-50) count
   multiply-adds, i.e. half of this number.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -48,7 +50,12 @@ def count_params(model: nn.Module, input_shape: Sequence[int] = (1, 224, 224, 3)
     relative embeddings); BatchNorm statistics are not parameters.
     """
     _, variables = _abstract_init(model, input_shape)
-    return sum(math.prod(p.shape) for p in jax.tree.leaves(variables["params"]))
+    return num_params(variables["params"])
+
+
+def num_params(params: Any) -> int:
+    """Number of scalars in a parameter tree (of arrays or of shapes)."""
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
 
 
 def flops(model: nn.Module, input_shape: Sequence[int] = (1, 224, 224, 3)) -> float:

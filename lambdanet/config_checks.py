@@ -1,19 +1,15 @@
 """One check of a training config's values, before anything is built or compiled.
 
 `check_config` raises one ValueError listing every field out of its range or enum, each with
-its value and what it must be; the dataset's own fields are checked where the dataset is built
-(`lambdanet.data.create_dataset`), the model's architecture where the model is.
+its value and what it must be. The training recipe's fields are checked here; the dataset's
+where the dataset is built (`lambdanet.data.create_dataset`), the model's settings
+(`config.model`) by the modules that own them (`ResNet`, `LambdaLayer`).
 """
 
 import math
 from collections.abc import Callable
 
 import ml_collections
-
-from lambdanet.layers.lambda_layer import IMPLS
-from lambdanet.layers.pooling import MAX_POOL_GRADS
-from lambdanet.layers.space_to_depth import STEM_CONV_IMPLS
-from lambdanet.models.resnet import DROP_PATH_SCHEDULES
 
 
 def _number(value) -> bool:
@@ -62,12 +58,6 @@ _RULES = {
     "seed": _integer(0),
     "data_seed": _integer(0),
 }
-_MODEL_ENUMS = {
-    "lambda_layer.impl": IMPLS,
-    "stem_conv_impl": STEM_CONV_IMPLS,
-    "max_pool_grad": MAX_POOL_GRADS,
-    "drop_path_schedule": DROP_PATH_SCHEDULES,
-}
 
 
 def config_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -86,15 +76,6 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
             f"config.num_train_steps={config.num_train_steps} and config.num_epochs="
             f"{config.num_epochs!r}: set num_train_steps > 0 or num_epochs > 0"
         )
-    for name, choices in _MODEL_ENUMS.items():
-        scope, _, field = name.rpartition(".")
-        value = (config.model.get(scope) or {}).get(field) if scope else config.model.get(field)
-        if value is not None and value not in choices:
-            problems.append(f"config.model.{name}={value!r}: must be one of {choices}")
-    for name in ("dropout_rate", "drop_path_rate"):
-        value = config.model.get(name)
-        if value is not None and not _within(0.0, 1.0)[0](value):
-            problems.append(f"config.model.{name}={value!r}: must be a number in [0, 1)")
     return problems
 
 

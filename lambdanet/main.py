@@ -1,21 +1,20 @@
-"""Train and evaluate LambdaNetworks from a config file.
+"""Train and evaluate LambdaNetworks from a config (`lambdanet-train` is this command).
 
-    python -m lambdanet.main --config=configs/demo.py --workdir=workdir/demo
-    python -m lambdanet.main --config=configs/demo.py --workdir=workdir/demo --mode=eval \
-        [--checkpoint=STEP_OR_PATH]
+    lambdanet-train --config=demo --workdir=workdir/demo
+    lambdanet-train --config=demo --workdir=workdir/demo --mode=eval [--checkpoint=STEP_OR_PATH]
 
-`--config=FILE:ARG` passes ARG to the file's `get_config`, e.g.
-`--config=configs/lambda_resnet.py:depth=152,size=256`. `--print_config` prints the config after
-the overrides below and exits, building nothing (no --workdir needed).
+`--config` names a config shipped in lambdanet/configs (`demo`, `imagenette:hybrid`,
+`lambda_resnet:depth=152,size=256`: ARG after ':' goes to its `get_config`) or a path to a config
+file of your own (`--config=path/to/mine.py:ARG`). `--print_config` prints the config after the
+overrides below and exits, building nothing (no --workdir needed).
 
-Any field the config defines can be overridden, e.g. with `--config=configs/lambda_resnet.py`:
-`--config.global_batch_size=512 --config.model.dropout_rate=0.1`. Every config defines the model's
-implementation choices `stem_conv_impl`, `max_pool_grad`, `scan_blocks`, `remat` and
-`remat_policy` and the common lambda-layer settings
-`lambda_layer.{impl,scope_size,dim_k,heads,dim_u,embedding_init_std}` (unset: the model's own;
-`scope_size=0`: the global scope).
-ml_collections overrides only fields that exist: another model attribute that the config does not
-set (say `se_ratio`) is set in a config file (`config.model.se_ratio = 0.25`).
+Every field of the config can be overridden, e.g. `--config.global_batch_size=512
+--config.model.dropout_rate=0.1`. The model's fields are all there: `config.model` holds every
+architecture setting of `config.model_name` (`lambdanet.configs.model_config`), so
+`--config.model.se_ratio=0.25` or `--config.model.lambda_layer.scope_size=9` (`=None`: the global
+scope) reach `ResNet(**config.model)` and its lambda layers as they are. Another model is another
+config or config argument (`--config=default:lambda_resnet50_u4`), not `--config.model_name`,
+which only labels the run.
 
 Modes: `train_and_eval` (default) trains, resuming from WORKDIR/checkpoints if present, evaluates
 every `config.eval_every_epochs` and at the end; `train` skips evaluation; `eval` evaluates a
@@ -42,11 +41,10 @@ import sys
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from lambdanet import train
+from lambdanet import command_line, evaluate, train_loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
+_CONFIG = command_line.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, events and metrics.")
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print the config (after the --config.FIELD overrides) and exit."
@@ -84,23 +82,7 @@ flags.register_multi_flags_validator(
 )
 
 # Stopped by a signal with a checkpoint saved: resume with the same command.
-EXIT_STOPPED = train.EXIT_STOPPED
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing; an override of a field the config lacks names it and the fix."""
-    try:
-        return app.parse_flags_with_usage(argv)
-    except AttributeError as error:  # raised by ml_collections while it parses the overrides
-        field = str(error).strip("\"'")
-        given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        named = [a for a in given if a.split(".")[-1] == field] or given
-        sys.exit(
-            f"FATAL Flags parsing error: {', '.join(named)}: the config has no field "
-            f"{field!r}, and --config.FIELD overrides only fields it defines. Set a new field in "
-            f"a config file (e.g. `config.model.{field} = VALUE` in a copy of the config) or "
-            "check the spelling (python -m lambdanet.main --config=FILE --helpfull lists them)."
-        )
+EXIT_STOPPED = train_loop.EXIT_STOPPED
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -139,9 +121,9 @@ def main(argv: list[str]) -> None:
         jax.devices()[0].platform,
     )
     if _MODE.value == "eval":
-        train.evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+        evaluate.evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
     else:
-        final = train.train_and_evaluate(
+        final = train_loop.train_and_evaluate(
             _CONFIG.value, _WORKDIR.value, run_eval=_MODE.value != "train"
         )
         if final.get("stopped_early"):
@@ -150,7 +132,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """The `lambdanet-train` command: `python -m lambdanet.main` with absl's flag parsing."""
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=command_line.parse_flags)
 
 
 if __name__ == "__main__":

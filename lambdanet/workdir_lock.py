@@ -33,6 +33,38 @@ def _holder(record: str) -> str:
         return "an unknown process"
 
 
+def _take(fd: int, workdir: str, path: str) -> None:
+    """Takes the flock on `fd`, warning about a stale record; WorkdirLockedError if held."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+        raise WorkdirLockedError(
+            f"Workdir {workdir} is in use by another run ({holder}; lock file {path}). "
+            "Wait for it to finish or stop it (it checkpoints on SIGTERM), or use another "
+            "--workdir."
+        ) from None
+    stale = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    if stale:
+        logging.warning(
+            "Taking over the lock of workdir %s from a run that ended without releasing it (%s).",
+            workdir,
+            _holder(stale),
+        )
+
+
+def _write_record(fd: int) -> None:
+    """Names this process (host, pid, start time) in the lock file, for a second run's error."""
+    record = dict(
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    os.fsync(fd)
+
+
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[None]:
     """Holds WORKDIR/lock until the block ends; WorkdirLockedError if a live process holds it."""
@@ -40,31 +72,8 @@ def hold(workdir: str) -> Iterator[None]:
     path = os.path.join(workdir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(os.pread(fd, 4096, 0).decode(errors="replace"))
-            raise WorkdirLockedError(
-                f"Workdir {workdir} is in use by another run ({holder}; lock file {path}). "
-                "Wait for it to finish or stop it (it checkpoints on SIGTERM), or use another "
-                "--workdir."
-            ) from None
-        stale = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-        if stale:
-            logging.warning(
-                "Taking over the lock of workdir %s from a run that ended without releasing it "
-                "(%s).",
-                workdir,
-                _holder(stale),
-            )
-        record = dict(
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
-        os.fsync(fd)
+        _take(fd, workdir, path)
+        _write_record(fd)
         try:
             yield
         finally:

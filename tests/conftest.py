@@ -41,14 +41,12 @@ def tiny_config():
     no warm-up and no EMA. Tests that change no traced setting share one compiled train step
     through the cache above.
     """
-    import ml_collections
-
-    from configs import demo
+    from lambdanet.configs import demo, model_config
 
     config = demo.get_config()
     config.model_name = "resnet50"
-    config.model = ml_collections.ConfigDict(
-        dict(stage_sizes=(1, 1, 1, 1), base_width=4, dropout_rate=0.1, drop_path_rate=0.1)
+    config.model = model_config(
+        "resnet50", stage_sizes=(1, 1, 1, 1), base_width=4, dropout_rate=0.1, drop_path_rate=0.1
     )
     config.dataset.train_crop_area = (1.0, 1.0)
     config.dataset.train_crop_aspect_ratio = (1.0, 1.0)

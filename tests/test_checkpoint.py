@@ -7,7 +7,7 @@ import ml_collections
 import optax
 import pytest
 
-from lambdanet import checkpoint, train
+from lambdanet import checkpoint, train, train_loop
 
 CONFIG = ml_collections.ConfigDict(dict(model_name="toy"))
 
@@ -161,10 +161,10 @@ def test_weights_only_checkpoint_restores_params_with_a_fresh_optimizer(tmp_path
 
 
 def test_init_from_takes_the_weights_of_a_full_checkpoint(workdir):
-    state = train._init_from(str(workdir), _state(0))  # latest step, 6
+    state = train_loop._init_from(str(workdir), _state(0))  # latest step, 6
     assert float(state.params["conv"]["kernel"][0, 0, 0, 0]) == 6.0
     assert int(state.step) == 0
-    state = train._init_from(str(workdir / "checkpoints" / "5"), _state(0))
+    state = train_loop._init_from(str(workdir / "checkpoints" / "5"), _state(0))
     assert float(state.params["conv"]["kernel"][0, 0, 0, 0]) == 5.0
 
 

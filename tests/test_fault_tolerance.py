@@ -14,7 +14,7 @@ import chex
 import orbax.checkpoint as ocp
 import pytest
 
-from lambdanet import checkpoint, train
+from lambdanet import checkpoint, experiment, train_loop
 from lambdanet.data.in_memory import ArraySource
 from scripts import chaos_resume
 
@@ -51,7 +51,7 @@ def test_unfinished_save_is_skipped_with_a_warning_for_the_previous_one(
     tiny_config, tmp_path, caplog
 ):
     tiny_config.keep_checkpoints = 2
-    train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
+    train_loop.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
     directory = tmp_path / checkpoint.CHECKPOINT_DIR
     assert checkpoint.list_steps(str(directory)) == [4, 8]
     finished = chaos_resume.final_state(tmp_path)
@@ -59,7 +59,7 @@ def test_unfinished_save_is_skipped_with_a_warning_for_the_previous_one(
     os.rename(directory / "8", unfinished)
 
     caplog.set_level(logging.INFO)
-    final = train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
+    final = train_loop.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
     messages = [record.getMessage() for record in caplog.records]
     assert f"Ignoring and deleting the unfinished checkpoint save {unfinished}." in messages
     assert any(m.startswith("Resuming from step 4 in ") for m in messages), messages
@@ -79,7 +79,7 @@ def _sigterm_then(function):
 
 def test_sigterm_during_a_save_stops_after_it(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "save", _sigterm_then(checkpoint.save))
-    stopped = train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
+    stopped = train_loop.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
     assert stopped["stopped_early"] and stopped["step"] == 4  # the first save, every 4 steps
     assert checkpoint.list_steps(str(tmp_path / checkpoint.CHECKPOINT_DIR)) == [4]
 
@@ -87,7 +87,7 @@ def test_sigterm_during_a_save_stops_after_it(tiny_config, tmp_path, monkeypatch
 def test_sigterm_during_evaluation_abandons_it_and_stops(tiny_config, tmp_path, monkeypatch):
     tiny_config.eval_every_epochs = 4.5 / 93  # every 4 steps of 16 of the 1,497 digits
     monkeypatch.setattr(ArraySource, "eval_iter", _sigterm_then(ArraySource.eval_iter))
-    stopped = train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=True)
+    stopped = train_loop.train_and_evaluate(tiny_config, str(tmp_path), run_eval=True)
     assert stopped["stopped_early"] and stopped["step"] == 4
     assert not any(name.startswith("eval_") for name in stopped)
     assert checkpoint.list_steps(str(tmp_path / checkpoint.CHECKPOINT_DIR)) == [4]
@@ -97,7 +97,7 @@ def test_image_smaller_than_the_network_stride_fails_before_compiling(tiny_confi
     tiny_config.dataset.image_size = 16
     message = r"image_size=16 is smaller than the network's total stride 32 .* at least 32"
     with pytest.raises(ValueError, match=message):
-        train.create_experiment(tiny_config)
+        experiment.create_experiment(tiny_config)
 
 
 def test_failed_asynchronous_save_stops_the_run_at_once_with_one_summary_line(
@@ -122,7 +122,7 @@ def test_failed_asynchronous_save_stops_the_run_at_once_with_one_summary_line(
         ArraySource, "train_iter", _recording(ArraySource.train_iter, fed), raising=True
     )
     with pytest.raises(checkpoint.CheckpointSaveError) as error:
-        train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
+        train_loop.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
     message = str(error.value)
     assert "\n" not in message
     assert (

@@ -14,10 +14,10 @@ from absl import flags, logging
 from absl.testing import flagsaver
 from tensorboard.backend.event_processing import event_accumulator
 
-from lambdanet import main, train
+from lambdanet import configs, evaluate, main, train_loop
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "configs" / "demo.py")
+DEMO = configs.config_path("demo")
 
 
 @pytest.fixture
@@ -28,9 +28,9 @@ def calls(monkeypatch):
     after, or later tests in this process would lose their INFO records."""
     recorded, level = [], logging.get_absl_logger().level
     monkeypatch.setattr(
-        train, "train_and_evaluate", lambda *a, **k: recorded.append(("train", a, k)) or {}
+        train_loop, "train_and_evaluate", lambda *a, **k: recorded.append(("train", a, k)) or {}
     )
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: recorded.append(("eval", a, k)))
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: recorded.append(("eval", a, k)))
 
     def run(**flag_values):
         with flagsaver.as_parsed(config=DEMO, **flag_values):
@@ -53,14 +53,14 @@ def test_modes_and_checkpoint_flag(calls, tmp_path):
 
 
 def test_run_stopped_by_a_signal_exits_with_the_resume_status(calls, monkeypatch, tmp_path):
-    monkeypatch.setattr(train, "train_and_evaluate", lambda *a, **k: {"stopped_early": True})
+    monkeypatch.setattr(train_loop, "train_and_evaluate", lambda *a, **k: {"stopped_early": True})
     with pytest.raises(SystemExit) as stopped:
         calls(workdir=str(tmp_path))
     assert stopped.value.code == main.EXIT_STOPPED == 75
 
 
 def test_unknown_model_attribute_on_the_command_line_says_how_to_set_it(tmp_path):
-    command = [sys.executable, "-m", "lambdanet.main", f"--config={DEMO}"]
+    command = [sys.executable, "-m", "lambdanet.main", "--config=demo"]
     command += [f"--workdir={tmp_path}", "--config.model.heads=3"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
@@ -68,13 +68,13 @@ def test_unknown_model_attribute_on_the_command_line_says_how_to_set_it(tmp_path
     assert last.startswith(
         "FATAL Flags parsing error: --config.model.heads: the config has no field"
     )
+    assert "--print_config lists every field" in last
     assert "`config.model.heads = VALUE` in a copy of the config" in last
     assert not os.listdir(tmp_path)
 
 
 def test_print_config_prints_the_overridden_config_and_builds_nothing(tmp_path):
-    config = REPO / "configs" / "lambda_resnet.py"
-    command = [sys.executable, "-m", "lambdanet.main", f"--config={config}:depth=152,size=256"]
+    command = [sys.executable, "-m", "lambdanet.main", "--config=lambda_resnet:depth=152,size=256"]
     command += ["--config.global_batch_size=512", "--print_config"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -122,7 +122,7 @@ def test_demo_command_trains_compiles_once_and_eval_only_reproduces_it(tmp_path)
     with open(tmp_path / "config.json") as f:
         saved = json.load(f)
     assert (saved["num_train_steps"], saved["model"]["base_width"]) == (60, 8)
-    with open(tmp_path / train.FINAL_METRICS_FILE) as f:
+    with open(tmp_path / train_loop.FINAL_METRICS_FILE) as f:
         final = json.load(f)
     assert final["step"] == 60 and final["eval_num_examples"] == 300
     assert final["eval_top1"] > 0.6, final  # chance is 0.1
@@ -139,7 +139,7 @@ def test_demo_command_trains_compiles_once_and_eval_only_reproduces_it(tmp_path)
         "--mode=eval",
         f"--checkpoint={tmp_path}/checkpoints/60",
     )
-    with open(elsewhere / train.EVAL_METRICS_FILE) as f:
+    with open(elsewhere / evaluate.EVAL_METRICS_FILE) as f:
         evaluated = json.load(f)
     assert evaluated["step"] == 60
     for name in ("eval_loss", "eval_top1", "eval_top5", "eval_num_examples"):
@@ -186,9 +186,9 @@ def test_two_processes_train_like_one_process_with_as_many_devices(tmp_path):
     )
     assert one.returncode == 0, one.stderr[-3000:]
 
-    with open(tmp_path / "two" / train.FINAL_METRICS_FILE) as f:
+    with open(tmp_path / "two" / train_loop.FINAL_METRICS_FILE) as f:
         two_processes = json.load(f)
-    with open(tmp_path / "one" / train.FINAL_METRICS_FILE) as f:
+    with open(tmp_path / "one" / train_loop.FINAL_METRICS_FILE) as f:
         one_process = json.load(f)
     assert two_processes["eval_num_examples"] == one_process["eval_num_examples"] == 300
     for name in ("train_loss", "eval_loss", "eval_top1"):

@@ -408,10 +408,10 @@ def test_remat_checkpoints_the_chosen_stages(tiny):
         return len(re.findall(r"\b(?:remat\w*|checkpoint)\[", str(jaxpr)))
 
     assert checkpointed_blocks(model) == 0
-    assert checkpointed_blocks(model.clone(remat=("c4",))) == 2
+    assert checkpointed_blocks(model.clone(remat="c4")) == 2
     assert checkpointed_blocks(model.clone(remat="all")) == 5
     with pytest.raises(ValueError, match="remat stages"):
-        checkpointed_blocks(model.clone(remat=("c7",)))
+        checkpointed_blocks(model.clone(remat="c7"))
     with_policy = model.clone(remat="all", remat_policy="dots_saveable")
     assert checkpointed_blocks(with_policy) == 5
     jaxpr = str(jax.make_jaxpr(lambda v: with_policy.apply(v, x))(variables))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lambdanet import sharding, step_cache, train
+from lambdanet import experiment, sharding, step_cache
 
 
 def _step(state, batch):
@@ -137,7 +137,7 @@ def test_the_loaded_train_step_equals_the_traced_one_on_8_devices(tiny_config, c
     """The experiment's own steps on 8 fake devices: jitted, traced and saved, then loaded."""
 
     def one_step(run):
-        exp = train.create_experiment(tiny_config)
+        exp = experiment.create_experiment(tiny_config)
         train_step, eval_step = run(exp.train_step), run(exp.eval_step)
         batch = sharding.shard_batch(next(exp.dataset.train_iter(0)), exp.mesh)
         state, metrics = train_step(exp.state, batch, exp.rngs)

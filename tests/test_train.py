@@ -15,10 +15,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from lambdanet import data, models, sharding, train
+from lambdanet import data, evaluate, experiment, models, sharding, train, train_loop
 
 
-def _losses(exp: train.Experiment, num_steps: int) -> list[float]:
+def _losses(exp: experiment.Experiment, num_steps: int) -> list[float]:
     state, losses = exp.state, []
     batches = sharding.prefetch_to_device(exp.dataset.train_iter(0), exp.mesh)
     for batch in itertools.islice(batches, num_steps):
@@ -64,8 +64,8 @@ def test_label_smoothing_matches_the_formula():
 def test_sharded_step_matches_one_device_fits_a_batch_and_evaluates_exactly(tiny_config):
     tiny_config.dataset.eval_split = "train"  # 1,003 eval examples: not a multiple of 8 x 32
     tiny_config.dataset.max_eval_examples = 1003
-    exp8 = train.create_experiment(tiny_config)
-    exp1 = train.create_experiment(tiny_config, devices=jax.devices()[:1])
+    exp8 = experiment.create_experiment(tiny_config)
+    exp1 = experiment.create_experiment(tiny_config, devices=jax.devices()[:1])
     assert exp8.mesh.devices.size == 8 and exp1.mesh.devices.size == 1
     initial_params = jax.device_get(exp8.state.params)
     batch = next(exp8.dataset.train_iter(0))
@@ -88,23 +88,23 @@ def test_sharded_step_matches_one_device_fits_a_batch_and_evaluates_exactly(tiny
         losses.append(float(step_metrics.loss.compute()))
     assert np.mean(losses[-3:]) < 0.85 * losses[0], losses
 
-    eval8 = train.eval_loop(exp8, state8)
+    eval8 = evaluate.eval_loop(exp8, state8)
     state_on_1 = jax.device_put(state8, sharding.replicated_sharding(exp1.mesh))
-    eval1 = train.eval_loop(exp1, state_on_1)
+    eval1 = evaluate.eval_loop(exp1, state_on_1)
     assert eval8["num_examples"] == eval1["num_examples"] == 1003
     assert eval8["top1"] == eval1["top1"]
     assert eval8["loss"] == pytest.approx(eval1["loss"], rel=1e-5)
 
 
 def test_same_seed_gives_identical_losses_for_20_steps(tiny_config):
-    first = _losses(train.create_experiment(tiny_config), 20)
-    second = _losses(train.create_experiment(tiny_config), 20)
+    first = _losses(experiment.create_experiment(tiny_config), 20)
+    second = _losses(experiment.create_experiment(tiny_config), 20)
     assert first == second
     assert len(set(first)) > 1
 
 
 def test_nonfinite_step_leaves_the_state_unchanged(tiny_config):
-    exp = train.create_experiment(tiny_config)
+    exp = experiment.create_experiment(tiny_config)
     batch = next(exp.dataset.train_iter(0))
     batch["image"] = batch["image"].astype(np.float32)
     batch["image"][0, 0, 0, 0] = np.nan
@@ -140,7 +140,7 @@ def _wrap_dataset(monkeypatch, edit) -> list[_EditedDataset]:
         created.append(_EditedDataset(data.create_dataset(*args, **kwargs), edit))
         return created[-1]
 
-    monkeypatch.setattr(train, "create_dataset", create_dataset)
+    monkeypatch.setattr(experiment, "create_dataset", create_dataset)
     return created
 
 
@@ -158,15 +158,15 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path,
         return batch
 
     created = _wrap_dataset(monkeypatch, lambda batch, step: batch)
-    train.train_and_evaluate(tiny_config, str(tmp_path / "full"), run_eval=False)
+    train_loop.train_and_evaluate(tiny_config, str(tmp_path / "full"), run_eval=False)
     assert created[-1].start_steps == [0]
 
     created = _wrap_dataset(monkeypatch, sigterm_at_step_4)
-    stopped = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"), run_eval=False)
+    stopped = train_loop.train_and_evaluate(tiny_config, str(tmp_path / "resumed"), run_eval=False)
     assert stopped["stopped_early"] and stopped["step"] == 4
     assert os.listdir(tmp_path / "resumed" / "checkpoints") == ["4"]
     created = _wrap_dataset(monkeypatch, lambda batch, step: batch)
-    resumed = train.train_and_evaluate(tiny_config, str(tmp_path / "resumed"), run_eval=False)
+    resumed = train_loop.train_and_evaluate(tiny_config, str(tmp_path / "resumed"), run_eval=False)
     assert created[-1].start_steps == [4] and resumed["step"] == 8
 
     full, restarted = _final_state(tmp_path / "full"), _final_state(tmp_path / "resumed")
@@ -188,12 +188,12 @@ def test_nonfinite_loss_stops_and_names_the_last_good_checkpoint(
     _wrap_dataset(monkeypatch, nan_at_step_4)
     message = r"in step 5 .*last good checkpoint, step 4 in .* is kept"
     with pytest.raises(FloatingPointError, match=message):
-        train.train_and_evaluate(tiny_config, str(tmp_path / "stop"), run_eval=False)
+        train_loop.train_and_evaluate(tiny_config, str(tmp_path / "stop"), run_eval=False)
     assert sorted(os.listdir(tmp_path / "stop" / "checkpoints")) == ["2", "4"]
 
     tiny_config.skip_nonfinite_steps, tiny_config.max_nonfinite_fraction = True, 0.2
     with caplog.at_level(logging.WARNING):
-        final = train.train_and_evaluate(tiny_config, str(tmp_path / "skip"), run_eval=False)
+        final = train_loop.train_and_evaluate(tiny_config, str(tmp_path / "skip"), run_eval=False)
     assert final["step"] == 8 and final["nonfinite_steps"] == 1
     assert any(
         m.startswith("Skipped 1 non-finite step(s) up to step 5: 1 of the run's 8 so far")
@@ -218,8 +218,8 @@ def test_skipping_nonfinite_steps_stops_above_the_allowed_fraction(
         r"config.max_nonfinite_fraction=0.05 of the run's 8 steps. Training stopped and no good "
     )
     with pytest.raises(FloatingPointError, match=message):
-        train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
-    assert not (tmp_path / train.FINAL_METRICS_FILE).exists()
+        train_loop.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
+    assert not (tmp_path / train_loop.FINAL_METRICS_FILE).exists()
 
 
 @pytest.mark.parametrize(
@@ -227,34 +227,30 @@ def test_skipping_nonfinite_steps_stops_above_the_allowed_fraction(
     [
         ("global_batch_size", 12, "global_batch_size=12 is not divisible by the number of devices"),
         ("eval_batch_size", 20, "eval_batch_size=20 is not divisible by the number of devices"),
-        ("model_name", "no_such_model", "unknown model 'no_such_model'; registered models: "),
+        ("model.stem", "conv9x9", r"stem='conv9x9'; choose one of \('conv7x7'"),
         ("learning_rate", -0.1, r"config.learning_rate=-0.1: must be a positive number"),
         ("label_smoothing", 2.0, r"config.label_smoothing=2.0: must be a number in \[0.0, 1.0\)"),
         ("checkpoint_every_steps", 0, "config.checkpoint_every_steps=0: must be an integer >= 1"),
         ("log_every_steps", 0, "config.log_every_steps=0: must be an integer >= 1"),
         ("global_batch_size", 0, "config.global_batch_size=0: must be an integer >= 1"),
-        (
-            "model.lambda_layer.impl",
-            "fast",
-            r"config.model.lambda_layer.impl='fast': must be one of \('einsum'",
-        ),
+        ("model.lambda_layer.impl", "fast", r"unknown impl 'fast'; choose one of \('einsum'"),
+        ("model.lambda_layer.scope_size", 4, "scope_size must be a positive odd integer"),
+        ("model.dropout_rate", 1.0, r"dropout_rate=1.0; use a rate in \[0, 1\)"),
     ],
 )
 def test_bad_config_fails_before_compiling(tiny_config, field, value, message, monkeypatch):
     monkeypatch.setattr(jax, "jit", None)  # nothing may be compiled before the error
-    if field == "model.lambda_layer.impl":
-        tiny_config.model.lambda_layer = {"impl": value}
-    else:
-        tiny_config[field] = value
+    *parents, name = field.split(".")
+    functools.reduce(getattr, parents, tiny_config)[name] = value
     with pytest.raises(ValueError, match=message):
-        train.create_experiment(tiny_config)
+        experiment.create_experiment(tiny_config)
 
 
 def test_every_bad_value_is_listed_at_once(tiny_config):
     tiny_config.momentum, tiny_config.ema_decay, tiny_config.num_epochs = 1.5, -1.0, 0.0
     tiny_config.num_train_steps = -1
     with pytest.raises(ValueError, match="3 config value") as error:
-        train.create_experiment(tiny_config)
+        experiment.create_experiment(tiny_config)
     assert "config.momentum=1.5" in str(error.value) and "config.ema_decay=-1.0" in str(error.value)
     assert "set num_train_steps > 0 or num_epochs > 0" in str(error.value)
 
@@ -262,10 +258,10 @@ def test_every_bad_value_is_listed_at_once(tiny_config):
 def test_finished_workdir_is_left_unchanged_and_another_model_keeps_its_config(
     tiny_config, tmp_path, caplog
 ):
-    train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
+    train_loop.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
     files = {name: (tmp_path / name).read_bytes() for name in ("config.json", "final_metrics.json")}
 
-    again = train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
+    again = train_loop.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
     assert again["already_finished"] and again["step"] == 8 and "train_loss" in again
     assert any(f"The run in {tmp_path} is finished at step 8" in m for m in caplog.messages)
     assert {name: (tmp_path / name).read_bytes() for name in files} == files
@@ -273,11 +269,11 @@ def test_finished_workdir_is_left_unchanged_and_another_model_keeps_its_config(
     tiny_config.model.base_width = 8
     tiny_config.num_train_steps = 12
     with pytest.raises(ValueError, match="does not match the model"):
-        train.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
+        train_loop.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
     assert (tmp_path / "config.json").read_bytes() == files["config.json"]
 
 
-def _all_reduces(exp: train.Experiment, batch) -> int:
+def _all_reduces(exp: experiment.Experiment, batch) -> int:
     hlo = exp.train_step.fn.lower(exp.state, batch, exp.rngs).compile().as_text()
     return len(re.findall(r"= [^\n]*all-reduce(?:-start)?\(", hlo))
 
@@ -317,10 +313,10 @@ def test_each_batch_norm_group_draws_its_own_dropout():
 
 def test_unsynced_batch_norm_is_per_device_and_needs_no_all_reduce(tiny_config):
     tiny_config.global_batch_size = 64  # 8 examples per device
-    synced = train.create_experiment(tiny_config)
+    synced = experiment.create_experiment(tiny_config)
     tiny_config.sync_batch_norm = False
-    exp8 = train.create_experiment(tiny_config)
-    exp1 = train.create_experiment(tiny_config, devices=jax.devices()[:1])
+    exp8 = experiment.create_experiment(tiny_config)
+    exp1 = experiment.create_experiment(tiny_config, devices=jax.devices()[:1])
     batch = next(exp8.dataset.train_iter(0))
     batch8 = sharding.shard_batch(batch, exp8.mesh)
     state8, metrics8 = exp8.train_step(exp8.state, batch8, exp8.rngs)

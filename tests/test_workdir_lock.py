@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lambdanet import train, workdir_lock
+from lambdanet import train_loop, workdir_lock
 
 REPO = Path(__file__).resolve().parents[1]
 _HOLD = (
@@ -38,7 +38,7 @@ def test_second_run_on_a_workdir_is_refused_and_names_the_holder(tiny_config, tm
     workdir = tmp_path / "run"
     message = rf"Workdir {workdir} is in use by another run \(pid {holder.pid} on host .*--workdir"
     with pytest.raises(workdir_lock.WorkdirLockedError, match=message):
-        train.train_and_evaluate(tiny_config, str(workdir), run_eval=False)
+        train_loop.train_and_evaluate(tiny_config, str(workdir), run_eval=False)
     assert sorted(os.listdir(workdir)) == [workdir_lock.LOCK_FILE]  # nothing else was written
 
 

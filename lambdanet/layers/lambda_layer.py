@@ -30,7 +30,8 @@ runs over m only, one softmax per (|u|, |k|) channel like lucidrains (``key_soft
 or over (m, |u|) (``"mu"``); the initialisation of Appendix E.1 (embeddings N(0, 1), W_K and W_V
 with std d^-1/2, W_Q with std (|k| d)^-1/2), the embeddings' std being an option
 (``embedding_init_std``); ``auto``'s rule, which reads Appendix E.1 as "conv when n > 85² or
-|u| > 1". results/ has the measurements behind the choices the paper does not make.
+|u| > 1". results/lambda_layer.md has the measurements behind the choices the paper does
+not make.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ KEY_NORMS = ("softmax", "l2", "none")
 KEY_SOFTMAX_AXES = ("m", "mu")
 # `impl="auto"`: the lambda convolution when n > 85² (Appendix E.1, unconfirmed [R]) or |u| > 1;
 # the row convolution from 48² positions on where the scope spans at most half of the rows
-# (measured faster there; see results/); the einsum otherwise.
+# (measured faster there: results/lambda_layer.md); the einsum otherwise.
 _AUTO_CONV_MIN_POSITIONS = 85**2
 _AUTO_ROWS_MIN_POSITIONS = 48**2
 _MASK_FILL = -1e30
@@ -125,7 +126,7 @@ def _position_output_einsum(queries, values, table, spatial, mask, *, scores_fir
 
 def _scores_first(g: int, j: int, k: int, m: int, u: int, v: int) -> bool:
     """Contract q·E first when its intermediate per (b, n), [g, j, m, |u|], is the smaller one
-    (against λ^p [g, |k|, |v|]); measured faster there, see results/."""
+    (against λ^p [g, |k|, |v|]); measured faster there: results/lambda_layer.md."""
     return g * j * m * u < g * k * v
 
 
@@ -134,7 +135,7 @@ def _apply_lambdas(queries: jax.Array, lambdas: jax.Array) -> jax.Array:
 
     One multiply-reduce over |k| in float32, which XLA fuses into a single pass over the lambdas
     in whatever layout their producer left (rather than a batched matrix product, for which the
-    lambdas would first be transposed; see results/).
+    lambdas would first be transposed; results/lambda_layer.md).
     """
     product = queries[..., :, :, None].astype(jnp.float32) * lambdas[..., None, :, :]
     return jnp.sum(product, axis=-2).astype(queries.dtype)
@@ -301,19 +302,11 @@ class LambdaLayer(nn.Module):
             return "rows"
         return "conv" if (n > _AUTO_CONV_MIN_POSITIONS or self.dim_u > 1) else "einsum"
 
-    def _validate(self, x, *, train: bool, embeddings, mask) -> None:
-        """Every check of the settings and inputs; a ValueError names the attribute and choices."""
-        if x.ndim not in (3, 4):
-            raise ValueError(
-                f"LambdaLayer expects images [b, H, W, d] or sequences [b, n, d], got an input "
-                f"of shape {x.shape} (rank {x.ndim}); reshape it to one of those layouts."
-            )
-        d_out = self.dim_out or x.shape[-1]
-        if self.heads <= 0 or d_out % self.heads:
-            raise ValueError(
-                f"heads={self.heads} must divide the output width d={d_out} (|v| = d / |h|); "
-                f"choose heads among the divisors of {d_out}, e.g. 4."
-            )
+    def __post_init__(self) -> None:
+        """Checks the settings when the layer is built (a model checks its layers' settings
+        by building one, before anything is traced); a ValueError names the attribute."""
+        if self.heads <= 0:
+            raise ValueError(f"heads={self.heads} must be positive, e.g. 4")
         if min(self.dim_k, self.dim_u) <= 0:
             raise ValueError(f"dim_k and dim_u must be positive, got {self.dim_k}, {self.dim_u}")
         for name, choices in (
@@ -332,6 +325,21 @@ class LambdaLayer(nn.Module):
             )
         if self.multi_head and self.dim_u != 1:
             raise ValueError("multi_head=True supports dim_u=1 only; set dim_u=1")
+        super().__post_init__()
+
+    def _validate(self, x, *, train: bool, embeddings, mask) -> None:
+        """The checks of the inputs against the settings; a ValueError names what to change."""
+        if x.ndim not in (3, 4):
+            raise ValueError(
+                f"LambdaLayer expects images [b, H, W, d] or sequences [b, n, d], got an input "
+                f"of shape {x.shape} (rank {x.ndim}); reshape it to one of those layouts."
+            )
+        d_out = self.dim_out or x.shape[-1]
+        if d_out % self.heads:
+            raise ValueError(
+                f"heads={self.heads} must divide the output width d={d_out} (|v| = d / |h|); "
+                f"choose heads among the divisors of {d_out}, e.g. 4."
+            )
         if self.impl == "rows" and (x.ndim != 4 or self.causal):
             raise ValueError(
                 "impl='rows' convolves the rows of images [b, H, W, d] and takes no mask; use "

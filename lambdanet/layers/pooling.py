@@ -1,15 +1,14 @@
 """The stems' 3x3 stride-2 max pool, with a choice of how its gradient is computed.
 
-XLA differentiates a max pool (``lax.reduce_window``) with ``select_and_scatter``. On the H100 that
-scatter was the largest single kernel of lambda_resnet26t's training step (0.99 ms of 22.5 ms;
-`results/stem_and_batchnorm.md`). ``max_pool_3x3(x, grad="views")`` computes the same values and the
-same gradient without a scatter: the gradient goes to the first maximum of each window in row-major
-order, as ``select_and_scatter`` does. It looks at the nine strided views of the padded
-input; the argmax over them picks each window's winner. Each view's share of the output gradient
-goes back through a padding with holes (``lax.pad`` with interior padding): elementwise work
-that XLA can fuse. Timed on the H100 (batch 128, bf16, training step): 2.5% faster for
-resnet50, 3.6% for lambda_resnet26t @256, 1.1% for lambda_resnet50ts, so "views" is the models'
-default.
+XLA differentiates a max pool (``lax.reduce_window``) with ``select_and_scatter``, a scatter that
+was the largest single kernel of lambda_resnet26t's training step on the GPU.
+``max_pool_3x3(x, grad="views")`` computes the same values and the same gradient without a
+scatter: the gradient goes to the first maximum of each window in row-major order, as
+``select_and_scatter`` does. It looks at the nine strided views of the padded input; the argmax
+over them picks each window's winner. Each view's share of the output gradient goes back through
+a padding with holes (``lax.pad`` with interior padding): elementwise work that XLA can fuse.
+The training step is faster this way for every model timed, so "views" is the models' default
+(profile and timings: results/stem_and_batchnorm.md).
 """
 
 from __future__ import annotations

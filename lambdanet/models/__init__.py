@@ -8,7 +8,13 @@ from lambdanet.models.placement import (
     paper_placement,
     parse_placement,
 )
-from lambdanet.models.registry import ModelEntry, create_model, list_models, model_entry
+from lambdanet.models.registry import (
+    ModelEntry,
+    create_model,
+    list_models,
+    model_entry,
+    model_kwargs,
+)
 from lambdanet.models.resnet import Bottleneck, ResNet
 
 __all__ = [
@@ -21,6 +27,7 @@ __all__ = [
     "fold_batch_norm",
     "list_models",
     "model_entry",
+    "model_kwargs",
     "paper_c4_indices",
     "paper_placement",
     "parse_placement",

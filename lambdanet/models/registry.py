@@ -12,10 +12,14 @@ plus "resnet_rs", the ResNet-RS baselines, and "timm_port": timm's `resnet26t`,
 and ``resnet.py``: the same networks as timm's, for side-by-side benchmarks and converted
 weights; their lambda blocks follow timm's ``interleave_blocks``).
 
-``create_model(name, **overrides)`` returns a `ResNet`; overrides are any of its attributes
-(num_classes, dtype, placement, drop_path_rate, dropout_rate, remat, shared_embeddings, ...).
-The mappings ``lambda_layer`` and ``attention`` update the entry's own, e.g.
-``create_model("lambda_resnet26t", lambda_layer=dict(impl="conv"))`` keeps its scope r = 9.
+``model_kwargs(name, **overrides)`` is every architecture setting of the entry as plain data:
+`ResNet`'s defaults, updated by the entry's values, then by ``overrides``; its mappings
+``lambda_layer`` (`LambdaLayer`'s settings) and ``attention`` are complete, the overrides'
+mappings updating the entry's (``model_kwargs("lambda_resnet26t", lambda_layer=dict(impl="conv"))``
+keeps its scope r = 9). A config holds it as ``config.model``, so that the command line reaches
+every setting, and the trainer builds ``ResNet(**config.model, num_classes=..., dtype=...)``.
+``create_model(name, **overrides)`` is ``ResNet(**model_kwargs(name, ...))`` for Python users; it
+also takes the arguments the trainer owns (`TRAINER_ARGS`: num_classes, dtype, ...).
 """
 
 from __future__ import annotations
@@ -26,19 +30,19 @@ from typing import Any
 
 import flax.linen as nn
 
+from lambdanet.layers.lambda_layer import LambdaLayer
 from lambdanet.models.placement import STAGE_SIZES
-from lambdanet.models.resnet import ResNet
+from lambdanet.models.resnet import ATTENTION_DEFAULTS, LAMBDA_SETTINGS, TRAINER_ARGS, ResNet
 
 FAMILIES = ("table3_4", "resnet_rs", "lambda_resnet", "timm_port")
 RESNET_RS = dict(stem="deep", replace_stem_pool=True, shortcut="avg_down", se_ratio=0.25)
-_MAPPINGS = ("lambda_layer", "attention")  # overrides update these instead of replacing them
 # timm's ports: tiered stem, He-normal fan-out conv init, a 2x2 pool after a strided lambda
 # layer; lambda layers with scope r = 9 and the bias of timm's Conv3d, or ("rpt") a global
 # relative table sized for 256 px inputs without a bias.
 _TIMM = dict(
     stem="tiered",
     mixer_pool=2,
-    conv_kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+    conv_init="he_normal_fan_out",
     lambda_layer=dict(scope_size=9, position_bias=True),
 )
 _26, _50 = (2, 2, 2, 2), STAGE_SIZES[50]
@@ -166,16 +170,43 @@ def model_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, **overrides: Any) -> ResNet:
-    """Builds the registered model ``name``, with ``overrides`` of `ResNet`'s attributes; the
-    ``lambda_layer`` and ``attention`` mappings update the entry's."""
+def _defaults(cls: type[nn.Module], names) -> dict[str, Any]:
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return {name: defaults[name] for name in names}
+
+
+# Every architecture setting of a ResNet (its attributes but those the trainer owns), and the
+# complete mappings' defaults.
+ARCHITECTURE_SETTINGS = tuple(
+    f.name
+    for f in dataclasses.fields(ResNet)
+    if f.init and f.name not in {*TRAINER_ARGS, "parent", "name"}
+)
+_MAPPING_DEFAULTS = {
+    "lambda_layer": _defaults(LambdaLayer, LAMBDA_SETTINGS),
+    "attention": ATTENTION_DEFAULTS,
+}
+
+
+def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
+    """Every architecture setting of the registered model ``name`` (plain data; see the module
+    docstring), with ``overrides``; an unknown name or setting raises a ValueError listing the
+    valid ones."""
     entry = model_entry(name)
-    fields = {f.name for f in dataclasses.fields(ResNet)} - {"parent", "name"}
-    unknown = sorted(set(overrides) - fields)
+    unknown = sorted(set(overrides) - set(ARCHITECTURE_SETTINGS))
     if unknown:
-        raise ValueError(f"unknown override(s) {unknown} for {name!r}; valid: {sorted(fields)}")
-    config = {**entry.config, **overrides}
-    for key in _MAPPINGS:
-        if key in overrides:
-            config[key] = {**entry.config.get(key, {}), **overrides[key]}
-    return ResNet(**config)
+        raise ValueError(
+            f"unknown setting(s) {unknown} for model {name!r}; valid: {list(ARCHITECTURE_SETTINGS)}"
+        )
+    defaults = _defaults(ResNet, ARCHITECTURE_SETTINGS)
+    kwargs = {**defaults, **entry.config, **overrides}
+    for key, mapping_defaults in _MAPPING_DEFAULTS.items():
+        kwargs[key] = {**mapping_defaults, **entry.config.get(key, {}), **overrides.get(key, {})}
+    return kwargs
+
+
+def create_model(name: str, **overrides: Any) -> ResNet:
+    """``ResNet(**model_kwargs(name, ...))``; ``overrides`` are architecture settings and the
+    trainer's arguments (`TRAINER_ARGS`: num_classes, dtype, param_dtype, batch_norm_folded)."""
+    trainer = {key: overrides.pop(key) for key in TRAINER_ARGS if key in overrides}
+    return ResNet(**model_kwargs(name, **overrides), **trainer)

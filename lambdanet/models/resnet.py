@@ -66,6 +66,13 @@ DROP_PATH_SCHEDULES = ("block", "stage")
 MIXER_POOLS = (2, 3)
 _ATTENTION = {"G": RelativeSelfAttention2D, "X": AxialSelfAttention, "S": LocalSelfAttention}
 ATTENTION_DEFAULTS = {"heads": 8, "window": 7}
+CONV_INITS = {
+    "lecun_normal": nn.linear.default_kernel_init,  # flax's default
+    "he_normal_fan_out": nn.initializers.variance_scaling(2.0, "fan_out", "normal"),  # timm's
+}
+# ResNet attributes the trainer sets (from the dataset, config.half_precision, BatchNorm folding);
+# every other attribute is an architecture setting that a config holds (`config.model`).
+TRAINER_ARGS = ("num_classes", "dtype", "param_dtype", "batch_norm_folded")
 # LambdaLayer attributes the model sets itself (from its own BatchNorm, dtype and folding).
 _MODEL_OWNED = {"dim_out", "bn_momentum", "bn_epsilon", "batch_norm_folded", "dtype", "param_dtype"}
 LAMBDA_SETTINGS = tuple(
@@ -265,7 +272,8 @@ class ResNet(nn.Module):
         `lambdanet.layers.space_to_depth`).
       activation: "relu" or "silu".
       shortcut: "conv1x1" or "avg_down" (ResNet-D) in downsampling blocks.
-      conv_kernel_init: initialiser of every conv kernel (timm's ports: He normal, fan-out).
+      conv_init: initialiser of every conv kernel, a `CONV_INITS` name: "lecun_normal"
+        (flax's default) or "he_normal_fan_out" (timm's ports).
       se_ratio: squeeze-excitation in conv blocks, reduced width = ratio x block output
         channels (ResNet-RS 0.25; Hu et al.'s reduction 16 is 1/16); 0 disables it.
       mixer_pool: window (3 or 2) of the average pool after a downsampling non-conv slot.
@@ -281,7 +289,7 @@ class ResNet(nn.Module):
       dropout_rate: dropout before the classification head.
       zero_init_last_bn: γ = 0 in the last BatchNorm of every bottleneck (E.1).
       remat: stages whose blocks are rematerialised (``nn.remat``, i.e. jax.checkpoint) in the
-        backward pass, e.g. ("c2", "c3") or "all": trades compute for activation memory.
+        backward pass, e.g. "c2,c3" or "all" ("" none): trades compute for activation memory.
       remat_policy: what those blocks keep for the backward pass, a `jax.checkpoint_policies`
         name: None keeps nothing but the block's input (everything is recomputed);
         "dots_saveable" keeps the conv and matmul outputs and recomputes only BatchNorm,
@@ -308,7 +316,7 @@ class ResNet(nn.Module):
     stem_conv_impl: str = "space_to_depth"
     activation: str = "relu"
     shortcut: str = "conv1x1"
-    conv_kernel_init: Callable[..., jax.Array] = nn.linear.default_kernel_init
+    conv_init: str = "lecun_normal"
     se_ratio: float = 0.0
     mixer_pool: int = 3
     lambda_layer: Mapping[str, Any] = FrozenDict()
@@ -318,7 +326,7 @@ class ResNet(nn.Module):
     drop_path_schedule: str = "block"
     dropout_rate: float = 0.0
     zero_init_last_bn: bool = True
-    remat: Sequence[str] | str = ()
+    remat: str = ""
     remat_policy: str | None = None
     scan_blocks: bool = False
     bn_momentum: float = 0.9
@@ -327,11 +335,30 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    def __post_init__(self) -> None:
+        """Checks every setting when the model is built, before anything is traced."""
+        _choice("stem", self.stem, STEMS)
+        _choice("shortcut", self.shortcut, SHORTCUTS)
+        _choice("activation", self.activation, tuple(ACTIVATIONS))
+        _choice("mixer_pool", self.mixer_pool, MIXER_POOLS)
+        _choice("conv_init", self.conv_init, tuple(CONV_INITS))
+        for name in ("drop_path_rate", "dropout_rate"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}; use a rate in [0, 1)")
+        unknown = sorted(set(self.attention) - set(ATTENTION_DEFAULTS))
+        if unknown:
+            raise ValueError(
+                f"attention settings {unknown} unknown; valid: {list(ATTENTION_DEFAULTS)}"
+            )
+        LambdaLayer(**lambda_settings(self.lambda_layer), parent=None)  # checks its settings
+        parse_placement(self.placement, self.stage_sizes)
+        self._remat_stages(stage_names(len(self.stage_sizes)))
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
         """x: [b, H, W, 3] -> logits [b, num_classes] (float32), or the features dict."""
         check_not_training_folded(self, train)
-        self._check()
         placement = parse_placement(self.placement, self.stage_sizes)
         stages = stage_names(len(self.stage_sizes))
         remat = self._remat_stages(stages)
@@ -340,7 +367,7 @@ class ResNet(nn.Module):
         conv = functools.partial(
             nn.Conv,
             use_bias=self.batch_norm_folded,
-            kernel_init=self.conv_kernel_init,
+            kernel_init=CONV_INITS[self.conv_init],
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -400,17 +427,6 @@ class ResNet(nn.Module):
             kernel_init=nn.initializers.normal(0.01),  # ResNet-RS's and timm's final dense
             name="head",
         )(x)
-
-    def _check(self) -> None:
-        _choice("stem", self.stem, STEMS)
-        _choice("shortcut", self.shortcut, SHORTCUTS)
-        _choice("activation", self.activation, tuple(ACTIVATIONS))
-        _choice("mixer_pool", self.mixer_pool, MIXER_POOLS)
-        unknown = sorted(set(self.attention) - set(ATTENTION_DEFAULTS))
-        if unknown:
-            raise ValueError(
-                f"attention settings {unknown} unknown; valid: {list(ATTENTION_DEFAULTS)}"
-            )
 
     def _stem(self, x: jax.Array, conv: ModuleDef, norm: ModuleDef, act) -> jax.Array:
         """[b, H, W, 3] -> [b, H/4, W/4, base_width]."""
@@ -481,8 +497,7 @@ class ResNet(nn.Module):
         return nn.remat(block, static_argnums=(2,), policy=policy, prevent_cse=not self.scan_blocks)
 
     def _remat_stages(self, stages: Sequence[str]) -> frozenset[str]:
-        names = stages if self.remat == "all" else self.remat
-        names = [n for n in names.split(",") if n] if isinstance(names, str) else names
+        names = stages if self.remat == "all" else [n for n in self.remat.split(",") if n]
         unknown = sorted(set(names) - set(stages))
         if unknown:
             raise ValueError(f"remat stages {unknown} unknown; choose among {stages} or 'all'")

@@ -1,12 +1,12 @@
 """LambdaResNets, 350-epoch recipe (Appendix E.2): Figure 4 / the detailed LambdaResNet results.
 
-    python -m lambdanet.main --config=configs/lambda_resnet.py:depth=152,size=256 \
+    lambdanet-train --config=lambda_resnet:depth=152,size=256 \
         --workdir=workdir/lambda_resnet152_256 --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS
 
 The argument `depth=D,size=S` picks a row of Table 13; both keys are optional: depth 50 by
-default, and the depth's first size (`configs/lambda_resnet.py:depth=350` trains at 256). Lambda
+default, and the depth's first size (`lambda_resnet:depth=350` trains at 256). Lambda
 layers uniformly spaced in c4 and in all of c5 of ResNet-RS-D (Section 4.1). The recipe is
-ResNet-RS's on top of configs/default.py: weight decay 4e-5, RandAugment with 2 layers, dropout
+ResNet-RS's on top of the `default` config: weight decay 4e-5, RandAugment with 2 layers, dropout
 and stochastic depth (per-stage schedule) per Table 13 [R, low confidence]. Batch 4096 as in the
 paper (2048 for the largest models there); lower it with `--config.global_batch_size`.
 
@@ -31,11 +31,9 @@ and -270 share at 256 px [R]. LambdaResNet-420 at 320 px is the paper's headline
 (arXiv version) [C].
 """
 
-from pathlib import Path
-
 import ml_collections
 
-from lambdanet.config_loading import load_config
+from lambdanet.configs import default, model_config
 
 # Table 13 [R, low confidence]: (depth, image size) -> (RandAugment magnitude, dropout,
 # stochastic depth). Depth 200 has no row; it takes the 152/270 values at 256.
@@ -79,7 +77,7 @@ def parse_arg(arg: str | None) -> tuple[int, int]:
     if size not in sizes:
         raise ValueError(
             f"LambdaResNet-{depth} has no Table 13 row at image size {size}; the paper's sizes "
-            f"for it are {sizes}, e.g. --config=configs/lambda_resnet.py:depth={depth},"
+            f"for it are {sizes}, e.g. --config=lambda_resnet:depth={depth},"
             f"size={sizes[0]}."
         )
     return depth, size
@@ -88,11 +86,13 @@ def parse_arg(arg: str | None) -> tuple[int, int]:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     depth, size = parse_arg(arg)
     magnitude, dropout, stochastic_depth = TABLE_13[depth, size]
-    config = load_config(Path(__file__).with_name("default.py"))
-    config.model_name = f"lambda_resnet{depth}"
-    config.model.dropout_rate = dropout
-    config.model.drop_path_rate = stochastic_depth
-    config.model.drop_path_schedule = "stage"  # ResNet-RS's per-stage schedule [R]
+    config = default.get_config(f"lambda_resnet{depth}")
+    config.model = model_config(
+        f"lambda_resnet{depth}",
+        dropout_rate=dropout,
+        drop_path_rate=stochastic_depth,
+        drop_path_schedule="stage",  # ResNet-RS's per-stage schedule [R]
+    )
     config.dataset.image_size = size
     config.dataset.randaugment = dict(num_layers=2, magnitude=magnitude)
     config.num_epochs = 350.0

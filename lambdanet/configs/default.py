@@ -1,48 +1,28 @@
 """Base config: the paper's 90-epoch ImageNet recipe (Appendix E.2) for a ResNet-50.
 
-Not an experiment by itself (see configs/resnet50.py); other configs start from `get_config()`
-and change a few fields. Every field can be overridden on the command line, e.g.
-`--config.global_batch_size=1024 --config.dataset.manual_dir=~/imagenet_tars`.
+Other configs start from `get_config()` and change a few fields; its argument trains any
+registered model with this recipe (`--config=default:lambda_resnet50_u4`). Every field can be
+overridden on the command line, e.g. `--config.global_batch_size=1024
+--config.model.lambda_layer.scope_size=9`.
 
 The 90-epoch setup [R]: SGD momentum 0.9, batch 4096, weight decay 1e-4, learning rate
 0.1 x batch / 256 warmed up linearly over 5 epochs then cosine-decayed, label smoothing 0.1,
-EMA 0.9999 of the weights, 224x224 with random resized crop and flip. configs/lambda_resnet.py
+EMA 0.9999 of the weights, 224x224 with random resized crop and flip. `lambda_resnet`
 builds the 350-epoch LambdaResNet recipe from it (Table 13).
 """
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
+from lambdanet.configs import model_config
 from lambdanet.data import default_dataset_config
 
 
-def get_config() -> ml_collections.ConfigDict:
-    """The 90-epoch recipe with `resnet50` on TFDS imagenet2012."""
+def get_config(model: str = "resnet50") -> ml_collections.ConfigDict:
+    """The 90-epoch recipe with the registered model `model` (default resnet50) on TFDS
+    imagenet2012, e.g. `--config=default:se_resnet50` (`lambdanet.models.list_models()`)."""
     config = ml_collections.ConfigDict()
-    config.model_name = "resnet50"
-    # Overrides of the registry model's attributes (lambdanet.models.ResNet), e.g. dropout_rate;
-    # `lambda_layer` updates the model's lambda-layer settings (LambdaLayer's attributes). The
-    # fields below are declared unset (None: the model's own value), so that every config takes
-    # them on the command line, e.g. --config.model.lambda_layer.scope_size=9.
-    config.model = ml_collections.ConfigDict(
-        dict(
-            lambda_layer=ml_collections.ConfigDict(
-                dict(
-                    impl=placeholder(str),  # "auto", "einsum", "conv", "rows"
-                    scope_size=placeholder(int),  # r (0: global)
-                    dim_k=placeholder(int),  # |k|
-                    heads=placeholder(int),  # |h|
-                    dim_u=placeholder(int),  # |u|
-                    embedding_init_std=placeholder(float),
-                )
-            ),
-            stem_conv_impl=placeholder(str),  # "space_to_depth" or "direct"
-            max_pool_grad=placeholder(str),  # "views" or "scatter"
-            scan_blocks=placeholder(bool),  # scanned runs of identical blocks (compile time)
-            remat=placeholder(str),  # rematerialised stages, e.g. "c4,c5" or "all"
-            remat_policy=placeholder(str),  # what they keep, e.g. "dots_saveable"
-        )
-    )
+    config.model_name = model  # the registry entry config.model starts from (a label of the run)
+    config.model = model_config(model)
     config.dataset = default_dataset_config()
     config.seed = 0  # parameter initialisation, dropout and stochastic depth
     config.data_seed = 0  # data order and augmentation

@@ -1,7 +1,7 @@
 """Imagenette (10 ImageNet classes, real photographs) from scratch: ResNet-50 vs LambdaResNets.
 
 Reproduces no table of the paper: a real-photo learning check that fits one GPU in minutes, with
-the 90-epoch ImageNet recipe of configs/default.py (random resized crop + flip, label smoothing
+the 90-epoch ImageNet recipe of the `default` config (random resized crop + flip, label smoothing
 0.1, SGD momentum, linear warm-up then cosine, weight decay 1e-4, EMA of the weights, bf16)
 scaled to the dataset: 128 px, batch 256, 60 epochs, 3 warm-up epochs, EMA 0.998 (~500 steps of
 the 1,400-step run; the ImageNet 0.9999 would average over more steps than the run has).
@@ -10,7 +10,7 @@ The argument picks the model, with the same recipe and budget for each (results/
 `resnet50` (default), `hybrid` (C,C,L,L), `all_lambda` (the Table 3 lambda model),
 `lambda_resnet26t` (the port of timm's model), `lambda_resnet50` (LambdaResNet-50, ResNet-RS).
 
-    python -m lambdanet.main --config=configs/imagenette.py:hybrid --workdir=workdir/imagenette \
+    lambdanet-train --config=imagenette:hybrid --workdir=workdir/imagenette \
         --config.dataset.path=PATH/TO/imagenette
 
 `dataset.path` is the folder (`train/<class>/*.JPEG`, `val/<class>/*.JPEG`, fast.ai's imagenette2
@@ -28,13 +28,12 @@ gives the command): ResNet-50, the paper's seven hybrid placements (the `hybrid`
 embeddings kept, with `model.placement` set) and LambdaResNet-26t.
 """
 
-from pathlib import Path
-
 import ml_collections
 
-from lambdanet.config_loading import load_config, load_module
+from lambdanet.configs import default, model_config
+from lambdanet.configs.hybrid_resnet50 import HYBRID_PLACEMENTS as _PAPER_TABLE
 
-# Argument -> (registry model, create_model overrides).
+# Argument -> (registry model, changes of its architecture settings).
 # The ResNet lambda models start their relative embeddings E at std |k|^-1/2 = 0.25 instead of
 # E.1's N(0, 1) [R]: with N(0, 1) the position term is ~|k|^1/2 |m|^1/2 times the content term
 # at initialisation, and the all-lambda ResNet-50 reached 70.2% instead of 77.5% in this budget
@@ -49,14 +48,13 @@ MODELS = {
 }
 
 # The hybrid table's placements but C,C,C,C (the `resnet50` entry of the sweep).
-_PAPER_TABLE = load_module(Path(__file__).with_name("hybrid_resnet50.py")).HYBRID_PLACEMENTS
 HYBRID_PLACEMENTS = _PAPER_TABLE[1:]
 
 
 def get_sweep() -> list[tuple[str, str, dict]]:
-    """The entries of the Imagenette hybrid sweep: (name, config relative to the repository
-    root, {config field: value} overrides)."""
-    this = "configs/imagenette.py"
+    """The entries of the Imagenette hybrid sweep: (name, config NAME:ARG, {config field: value}
+    overrides)."""
+    this = "imagenette"
     hybrids = [
         (placement.replace(",", ""), f"{this}:hybrid", {"model.placement": placement})
         for placement in HYBRID_PLACEMENTS
@@ -71,12 +69,12 @@ def get_sweep() -> list[tuple[str, str, dict]]:
 def get_config(model: str = "resnet50") -> ml_collections.ConfigDict:
     if model not in MODELS:
         raise ValueError(
-            f"Unknown Imagenette model {model!r}; use configs/imagenette.py:NAME with NAME one of "
+            f"Unknown Imagenette model {model!r}; use --config=imagenette:NAME with NAME one of "
             f"{sorted(MODELS)}."
         )
-    config = load_config(Path(__file__).with_name("default.py"))
-    config.model_name, overrides = MODELS[model]
-    config.model.update(overrides)
+    name, changes = MODELS[model]
+    config = default.get_config(name)
+    config.model = model_config(name, **changes)
     config.dataset.name = "in_memory"
     config.dataset.eval_split = "val"
     config.dataset.image_size = 128

@@ -3,22 +3,20 @@ numbers are unconfirmed, docs/reproduction.md). C = 3x3 conv kept, L = lambda la
 c3, c4, c5. The default C,C,L,L row: 15.56M params (analytic; the table as read says 15.4), 78.3%
 top-1 (unconfirmed).
 
-    python -m lambdanet.main --config=configs/hybrid_resnet50.py --workdir=workdir/hybrid_CCLL \
+    lambdanet-train --config=hybrid_resnet50 --workdir=workdir/hybrid_CCLL \
         --config.model.placement=C,C,L,L --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS
 
 All of the table's rows (`hybrid_placements`), `--seeds` training runs each, into one
 CSV/Markdown table of placement, params, inference and training throughput and top-1 (mean ± std)
 and a plot of top-1 against throughput (scripts/sweep_hybrids.py):
 
-    python scripts/sweep_hybrids.py --config=configs/hybrid_resnet50.py --workdir=workdir/hybrids \
+    python scripts/sweep_hybrids.py --config=hybrid_resnet50 --workdir=workdir/hybrids \
         --seeds=3 --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS
 """
 
-from pathlib import Path
-
 import ml_collections
 
-from lambdanet.config_loading import load_config
+from lambdanet.configs import default
 
 # The rows of the hybrid table, in the paper's order (C,C,C,C is the ResNet-50 baseline).
 HYBRID_PLACEMENTS = (
@@ -34,8 +32,6 @@ HYBRID_PLACEMENTS = (
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = load_config(Path(__file__).with_name("default.py"))
-    config.model_name = "hybrid_resnet50"
-    config.model.placement = "C,C,L,L"
+    config = default.get_config("hybrid_resnet50")
     config.hybrid_placements = HYBRID_PLACEMENTS  # read by scripts/sweep_hybrids.py
     return config

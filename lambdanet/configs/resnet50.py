@@ -1,7 +1,7 @@
 """ResNet-50 baseline, 90-epoch recipe: Table 3 row "Conv (He et al., 2016)", 25.6M params,
 76.9% top-1 (Table 3; also the C->C->C->C row of the hybrid table).
 
-    python -m lambdanet.main --config=configs/resnet50.py --workdir=workdir/resnet50 \
+    lambdanet-train --config=resnet50 --workdir=workdir/resnet50 \
         --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS
 
 The paper trains with batch 4096 on 32 TPUv3 cores; with fewer accelerators lower the batch
@@ -10,12 +10,10 @@ prepares imagenet2012 from the tars in manual_dir on the first run (`--config.da
 chooses where the prepared files go).
 """
 
-from pathlib import Path
-
 import ml_collections
 
-from lambdanet.config_loading import load_config
+from lambdanet.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return load_config(Path(__file__).with_name("default.py"))
+    return default.get_config("resnet50")

@@ -1,6 +1,6 @@
 """Demo: a small LambdaResNet on scikit-learn's handwritten digits; trains and evaluates on CPU.
 
-    python -m lambdanet.main --config=configs/demo.py --workdir=workdir/demo
+    lambdanet-train --config=demo --workdir=workdir/demo
 
 Reproduces no table of the paper: it shows the whole pipeline on data that needs no download.
 The 1,797 8x8 digits (1,497 train / 300 validation, upsampled to 32x32, `lambdanet.data.digits`)
@@ -9,22 +9,21 @@ width 16, lambda layers in c3..c5 with |k|=16, |h|=4) for 30 epochs; on 2 CPU co
 few minutes and reaches above 95% validation top-1. Checkpoints, TensorBoard events and
 final_metrics.json land in the workdir; then
 
-    python -m lambdanet.main --config=configs/demo.py --workdir=workdir/demo --mode=eval
+    lambdanet-train --config=demo --workdir=workdir/demo --mode=eval
 
 re-evaluates the last checkpoint.
 """
 
-from pathlib import Path
-
 import ml_collections
 
-from lambdanet.config_loading import load_config
+from lambdanet.configs import default, model_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = load_config(Path(__file__).with_name("default.py"))
-    config.model_name = "lambda_resnet50"
-    config.model.update(dict(stage_sizes=(1, 1, 1, 1), base_width=16, placement="C,L,L,L"))
+    config = default.get_config("lambda_resnet50")
+    config.model = model_config(
+        "lambda_resnet50", stage_sizes=(1, 1, 1, 1), base_width=16, placement="C,L,L,L"
+    )
     config.dataset.name = "digits"
     config.dataset.image_size = 32
     config.dataset.train_crop_area = (0.5, 1.0)

@@ -1,1 +1,0 @@
-"""Experiment configs: one `get_config()` per file, run with `--config=configs/NAME.py[:ARG]`."""

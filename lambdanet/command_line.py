@@ -1,0 +1,76 @@
+"""The `--config` flag every lambdanet command shares, and its parsing.
+
+`lambdanet-train`, the benchmark, the sweep and the chaos test take the same `--config=NAME[:ARG]`
+or `--config=PATH[:ARG]` (a shipped config or a file, `lambdanet.configs`) and the same
+`--config.FIELD=VALUE` overrides (ml_collections' `config_flags`):
+
+    _CONFIG = command_line.define_config_flag()
+    ...
+    app.run(main, flags_parser=command_line.parse_flags)
+
+A config that does not exist, an override of a field the config lacks and `--config.model_name`
+(a label: the model is `config.model`) each end the command with one line naming the fix.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from lambdanet import configs
+
+
+def define_config_flag(name: str = "config", **kwargs) -> flags.FlagHolder:
+    """`config_flags.DEFINE_config_file(name)` with a help text listing the shipped configs."""
+    shipped = ", ".join(configs.list_configs())
+    help_text = f"A shipped config NAME[:ARG] (one of {shipped}) or a config file's PATH[:ARG]."
+    return config_flags.DEFINE_config_file(name, None, help_text, **kwargs)
+
+
+def _fail(message: str) -> None:
+    sys.exit(f"FATAL Flags parsing error: {message}")
+
+
+def resolve_config_flag(argv: list[str]) -> list[str]:
+    """`argv` with the --config value (a shipped config's name or a path) made a file path;
+    exits with one line naming the shipped configs when there is no such config, and refuses
+    `--config.model_name` (see the module docstring)."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config.model_name"):
+            _fail(
+                "--config.model_name labels the run, the model is config.model: pick another "
+                "model with the config's argument (e.g. --config=default:lambda_resnet50_u4 or "
+                "--config=imagenette:all_lambda) or change its settings with "
+                "--config.model.FIELD=VALUE."
+            )
+        if arg == "--config" and i + 1 < len(argv):
+            position, value = i + 1, argv[i + 1]
+        elif arg.startswith("--config="):
+            position, value = i, arg.removeprefix("--config=")
+        else:
+            continue
+        try:
+            path = configs.config_path(value)
+        except FileNotFoundError as error:
+            _fail(f"--config={value}: {error}")
+        argv[position] = path if position != i else f"--config={path}"
+    return argv
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing after `resolve_config_flag`; an override of a field the config lacks
+    names it and the fix."""
+    argv = resolve_config_flag(argv)
+    try:
+        return app.parse_flags_with_usage(argv)
+    except AttributeError as error:  # raised by ml_collections while it parses the overrides
+        field = str(error).strip("\"'")
+        given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        named = [a for a in given if a.split(".")[-1] == field] or given
+        _fail(
+            f"{', '.join(named)}: the config has no field {field!r}, and --config.FIELD "
+            "overrides only fields it defines: check the spelling (--print_config lists every "
+            "field, the model's settings under model:) or set a new field in a config file of "
+            f"your own (`{named[0].lstrip('-')} = VALUE` in a copy of the config)."
+        )
