@@ -3,6 +3,8 @@
 Layout of a workdir:
 
     WORKDIR/config.json             the run's config (written once the checkpoints match it)
+    WORKDIR/config.step_N.json      the config of a resume at step N that changed it
+                                    (`lambdanet.config_records`)
     WORKDIR/lock                    the running process (`lambdanet.workdir_lock`)
     WORKDIR/checkpoints/STEP/state  the train state (params, batch_stats, opt_state, EMA, step)
     WORKDIR/checkpoints/STEP/config the config that wrote this checkpoint (JSON)
@@ -21,8 +23,11 @@ kept (`lambdanet.checkpoint_save_errors`); a checkpoint whose variables do not f
 refused with the entries that differ (`lambdanet.checkpoint_compat`).
 """
 
+import contextlib
 import json
+import logging as std_logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -31,11 +36,16 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
-from lambdanet import checkpoint_compat, checkpoint_integrity, checkpoint_save_errors
+from lambdanet import (
+    checkpoint_compat,
+    checkpoint_integrity,
+    checkpoint_save_errors,
+    config_records,
+)
 from lambdanet.models import scanned
 
 CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.json"
+CONFIG_FILE = config_records.CONFIG_FILE
 BEST_METRIC = "top1"
 # The items of a save, those whose files checkpoint_integrity.ITEMS records.
 _ITEM_HANDLERS = {"state": ocp.StandardCheckpointHandler, "config": ocp.JsonCheckpointHandler}
@@ -47,24 +57,42 @@ verify = checkpoint_integrity.verify
 CheckpointSaveError = checkpoint_save_errors.CheckpointSaveError
 last_good = checkpoint_save_errors.last_good
 
+
+class _Without(std_logging.Filter):
+    """Drops the log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _without_warning(prefix: str) -> Iterator[None]:
+    """A warning orbax gives by design (starting with `prefix`) dropped from absl's logger (all
+    its handlers) in the block."""
+    logger, quiet = logging.get_absl_logger(), _Without(prefix)
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 # Orbax's default on CPU and TPU splits each replicated array over its replicas for the host
 # transfer: one small compiled slice per array shape and device, which dominates a first save of
 # a replicated state (thousands of compiles for a deep model on 8 devices). It is off on GPU.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
-)
+with _without_warning("Type handler registry type"):  # overriding, as meant
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+    )
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """A JSON-serialisable copy of `config`."""
     return json.loads(config.to_json())
-
-
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes `config` as WORKDIR/config.json (call on process 0 only)."""
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        f.write(config.to_json(indent=2) + "\n")
 
 
 def unfinished_saves(directory: str) -> list[str]:
@@ -106,10 +134,14 @@ def create_checkpoint_manager(
         enable_async_checkpointing=True,
         async_options=ocp.AsyncOptions(post_finalization_callback=callback),
         read_only=read_only,
+        # What orbax sets for read_only itself, each time with a warning.
+        save_interval_steps=0 if read_only else 1,
+        create=not read_only,
         cleanup_tmp_directories=not read_only,  # leftovers of a save that was killed
     )
     handlers = {name: handler() for name, handler in _ITEM_HANDLERS.items()}
-    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+    with _without_warning("Given directory is read only"):  # for every read-only manager
+        return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def save(
@@ -145,11 +177,14 @@ def check_saves(manager: ocp.CheckpointManager, wait: bool = False) -> None:
         raise checkpoint_save_errors.save_error(manager, error) from None
 
 
-def resume_step(manager: ocp.CheckpointManager) -> int | None:
+def resume_step(manager: ocp.CheckpointManager, require_checksums: bool = False) -> int | None:
     """The newest good step to resume from (None: start afresh); the unusable newer steps are
-    deleted, so that the resumed run can save them again."""
+    deleted, so that the resumed run can save them again. Without checksums in any step, the
+    newest, unverified, or UnverifiedCheckpointError if `require_checksums`."""
     steps = sorted(manager.all_steps())
-    good = checkpoint_integrity.newest_good_step(str(manager.directory), steps)
+    good = checkpoint_integrity.newest_good_step(
+        str(manager.directory), steps, require_checksums=require_checksums
+    )
     newer = [step for step in steps if good is None or step > good]
     if newer:
         logging.warning(
@@ -246,11 +281,13 @@ def _location(workdir: str, checkpoint: str) -> tuple[str, int | None]:
     return path, None
 
 
-def _newest_good(directory: str, steps: list[int]) -> int:
+def _newest_good(directory: str, steps: list[int], require_checksums: bool) -> int:
     """The newest of `steps` that passes its checksums; ValueError if none does."""
     if not steps:
         raise _unavailable("No checkpoint to evaluate", directory, steps)
-    step = checkpoint_integrity.newest_good_step(directory, steps)
+    step = checkpoint_integrity.newest_good_step(
+        directory, steps, require_checksums=require_checksums
+    )
     if step is None:
         raise _unavailable(
             "No checkpoint passes its checksums (see the warnings)", directory, steps
@@ -258,21 +295,24 @@ def _newest_good(directory: str, steps: list[int]) -> int:
     return step
 
 
-def resolve_checkpoint(workdir: str, checkpoint: str = "") -> tuple[str, int]:
+def resolve_checkpoint(
+    workdir: str, checkpoint: str = "", require_checksums: bool = False
+) -> tuple[str, int]:
     """Maps `--checkpoint` to (checkpoint directory, step).
 
     checkpoint: '' for the latest step in WORKDIR/checkpoints; a step number ('1200') in it; or a
       path: a workdir, a checkpoints directory (latest step) or one step's directory.
+    require_checksums: refuse a checkpoint without checksums (UnverifiedCheckpointError).
     """
     directory, step = _location(workdir, checkpoint)
     steps = list_steps(directory)
     if step is None:
-        return directory, _newest_good(directory, steps)
+        return directory, _newest_good(directory, steps, require_checksums)
     if step not in steps:
         raise _unavailable(f"Checkpoint step {step} does not exist", directory, steps)
     problem = checkpoint_integrity.verify(os.path.join(directory, str(step)))
     if problem == checkpoint_integrity.NO_CHECKSUMS:
-        logging.warning("Checkpoint step %d in %s is unverified: %s.", step, directory, problem)
+        checkpoint_integrity.unverified(directory, step, require_checksums)
     elif problem:
         raise _unavailable(f"Checkpoint step {step} is corrupt: {problem}", directory, steps)
     return directory, step

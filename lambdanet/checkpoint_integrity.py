@@ -6,7 +6,8 @@ calls it there). A checkpoint is *good* when every recorded file is there with i
 SHA-256 (`verify`); resuming and evaluating the latest step take the newest good one, warning
 about each newer one and why (`newest_good_step`). Orbax itself verifies nothing (a flipped
 byte loads silently). A directory none of whose steps has checksums (written before they were
-recorded) is restored unverified, with a warning.
+recorded) is restored unverified, with a warning that says so, or refused on request
+(`unverified`).
 """
 
 import hashlib
@@ -91,20 +92,37 @@ def checksum_newest_save(directory: str) -> None:
             logging.info("Checkpoint step %d written, checksums recorded.", max(steps)[0])
 
 
-def newest_good_step(directory: str, steps: list[int], warn: bool = True) -> int | None:
+class UnverifiedCheckpointError(ValueError):
+    """A checkpoint without checksums, refused (`lambdanet-train --require_checksums`)."""
+
+
+def unverified(directory: str, step: int, require_checksums: bool) -> None:
+    """Says plainly that checkpoint `step` has no checksums and is used unverified; refuses it
+    (UnverifiedCheckpointError) when `require_checksums`."""
+    what = (
+        f"Checkpoint step {step} in {directory} has no {CHECKSUM_FILE} (it predates them or "
+        "another tool wrote it): it cannot be verified, and a damaged byte in it would load "
+        "unnoticed"
+    )
+    if require_checksums:
+        raise UnverifiedCheckpointError(
+            f"{what}. --require_checksums refuses it; nothing was changed. Run without "
+            "--require_checksums to use it unverified, or use another --workdir to start afresh."
+        )
+    logging.warning("%s; using it UNVERIFIED (--require_checksums refuses it).", what)
+
+
+def newest_good_step(
+    directory: str, steps: list[int], warn: bool = True, require_checksums: bool = False
+) -> int | None:
     """The newest of `steps` (sorted) that `verify` passes, warning about each newer one and why;
     with no checksummed step at all (written before checksums were recorded), the newest,
-    unverified."""
+    unverified (`unverified`: refused when `require_checksums`)."""
     if steps and not any(
         os.path.exists(os.path.join(directory, str(s), CHECKSUM_FILE)) for s in steps
     ):
-        if warn:
-            logging.warning(
-                "Checkpoints in %s have no checksums (saved before they were recorded); "
-                "using step %d unverified.",
-                directory,
-                steps[-1],
-            )
+        if warn or require_checksums:
+            unverified(directory, steps[-1], require_checksums)
         return steps[-1]
     for step in reversed(steps):
         problem = verify(os.path.join(directory, str(step)))

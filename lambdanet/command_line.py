@@ -10,10 +10,17 @@ or `--config=PATH[:ARG]` (a shipped config or a file, `lambdanet.configs`) and t
 
 A config that does not exist, an override of a field the config lacks and `--config.model_name`
 (a label: the model is `config.model`) each end the command with one line naming the fix.
+
+A tool that launches runs (the sweep) passes on `config_name(FLAGS["config"])` and
+`config_overrides(sys.argv)`; `parse_config(NAME, OVERRIDES)` gives in Python the config such a
+run gets, raising ValueError instead of exiting.
 """
 
+import os
 import sys
+from collections.abc import Sequence
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -31,14 +38,12 @@ def _fail(message: str) -> None:
     sys.exit(f"FATAL Flags parsing error: {message}")
 
 
-def resolve_config_flag(argv: list[str]) -> list[str]:
-    """`argv` with the --config value (a shipped config's name or a path) made a file path;
-    exits with one line naming the shipped configs when there is no such config, and refuses
-    `--config.model_name` (see the module docstring)."""
+def _resolved(argv: list[str]) -> list[str]:
+    """`resolve_config_flag`'s work; raises ValueError where it exits."""
     argv = list(argv)
     for i, arg in enumerate(argv):
         if arg.startswith("--config.model_name"):
-            _fail(
+            raise ValueError(
                 "--config.model_name labels the run, the model is config.model: pick another "
                 "model with the config's argument (e.g. --config=default:lambda_resnet50_u4 or "
                 "--config=imagenette:all_lambda) or change its settings with "
@@ -53,9 +58,36 @@ def resolve_config_flag(argv: list[str]) -> list[str]:
         try:
             path = configs.config_path(value)
         except FileNotFoundError as error:
-            _fail(f"--config={value}: {error}")
+            raise ValueError(f"--config={value}: {error}") from error
         argv[position] = path if position != i else f"--config={path}"
     return argv
+
+
+def resolve_config_flag(argv: list[str]) -> list[str]:
+    """`argv` with the --config value (a shipped config's name or a path) made a file path;
+    exits with one line naming the shipped configs when there is no such config, and refuses
+    `--config.model_name` (see the module docstring)."""
+    try:
+        return _resolved(argv)
+    except ValueError as error:
+        _fail(str(error))
+
+
+def _unknown_field(error: AttributeError, argv: list[str]) -> str:
+    """The message for ml_collections' AttributeError on an override of a field the config
+    lacks: the overrides in `argv` that name it, and the fix (or, for a config file without
+    `get_config`, the error as it is)."""
+    field = str(error).strip("\"'")
+    if not field.isidentifier():
+        return f"--config: {error} (a config file defines get_config())."
+    given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    named = [a for a in given if a.split(".")[-1] == field] or given
+    return (
+        f"{', '.join(named)}: the config has no field {field!r}, and --config.FIELD "
+        "overrides only fields it defines: check the spelling (--print_config lists every "
+        "field, the model's settings under model:) or set a new field in a config file of "
+        f"your own (`{named[0].lstrip('-')} = VALUE` in a copy of the config)."
+    )
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -65,12 +97,37 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return app.parse_flags_with_usage(argv)
     except AttributeError as error:  # raised by ml_collections while it parses the overrides
-        field = str(error).strip("\"'")
-        given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        named = [a for a in given if a.split(".")[-1] == field] or given
-        _fail(
-            f"{', '.join(named)}: the config has no field {field!r}, and --config.FIELD "
-            "overrides only fields it defines: check the spelling (--print_config lists every "
-            "field, the model's settings under model:) or set a new field in a config file of "
-            f"your own (`{named[0].lstrip('-')} = VALUE` in a copy of the config)."
-        )
+        _fail(_unknown_field(error, argv))
+
+
+def config_overrides(argv: Sequence[str]) -> list[str]:
+    """The `--config.FIELD=VALUE` arguments of a command line `argv`, in order: what a tool
+    passes on to the runs it launches."""
+    return [arg for arg in argv if arg.startswith("--config.")]
+
+
+def parse_config(config: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config `lambdanet-train --config=CONFIG OVERRIDES...` runs: `config` a NAME[:ARG] or
+    PATH[:ARG], `overrides` `--config.FIELD=VALUE` strings, parsed as `parse_flags` parses them
+    (on flags of their own, not absl's global ones). Raises ValueError saying what does not
+    apply (no such config, a field the config lacks, a value of the wrong type)."""
+    argv = _resolved(["", f"--config={config}", *overrides])
+    values = flags.FlagValues()
+    define_config_flag(flag_values=values, sys_argv=argv)
+    try:
+        values(argv)
+    except AttributeError as error:  # raised by ml_collections while it parses the overrides
+        raise ValueError(_unknown_field(error, argv)) from error
+    except flags.Error as error:
+        raise ValueError(str(error)) from error
+    return values.config
+
+
+def config_name(config_flag: flags.Flag) -> str:
+    """The config of a parsed `define_config_flag` flag (`FLAGS["config"]`) as `--config` takes
+    it: NAME[:ARG] for a shipped config, else its file's absolute PATH[:ARG]."""
+    path, sep, arg = config_flag.config_filename.partition(":")
+    folder, file = os.path.split(path)
+    if folder == configs.CONFIG_DIR:
+        return file.removesuffix(".py") + sep + arg
+    return path + sep + arg

@@ -356,6 +356,70 @@ def save_weights(
     return ckpt_dir
 
 
+def timm_model(
+    name: str, state_dict: Mapping[str, np.ndarray] | None = None, num_classes: int = 1000
+):
+    """timm's model ``name`` (a name[.tag]) in eval mode: its pretrained weights (downloaded)
+    when no ``state_dict`` is given, else ``state_dict`` loaded. Needs torch and timm."""
+    import timm
+    import torch
+
+    if state_dict is None:
+        return timm.create_model(name, pretrained=True).eval()
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
+    return model.eval()
+
+
+def logit_difference(reference, model: nn.Module, variables: Any, image_size: int) -> float:
+    """Max |logits difference| / max |timm logits| of timm's ``reference`` and ``model`` on a
+    random [2, S, S, 3] batch (S = ``image_size``)."""
+    import torch
+
+    x = np.random.default_rng(0).standard_normal((2, image_size, image_size, 3), np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    logits = np.asarray(jax.jit(model.apply)(variables, x))
+    return float(np.abs(logits - expected).max() / np.abs(expected).max())
+
+
+def convert_checkpoint(
+    model_name: str,
+    out: str,
+    *,
+    checkpoint_file: str | None = None,
+    timm_name: str | None = None,
+    num_classes: int | None = None,
+    tolerance: float | None = None,
+) -> tuple[str, float | None]:
+    """timm weights for ``model_name`` (`ARCHITECTURES`) written to the workdir ``out``.
+
+    The weights come from ``checkpoint_file`` (`load_state_dict`) or, without it, from timm's
+    pretrained ``timm_name`` (default ``model_name``; downloaded). With a ``tolerance``, timm's
+    model and the converted one run on the same random batch first (`logit_difference`), and a
+    larger difference raises ValueError before anything is written. Returns (the checkpoint
+    directory, the logit difference or None).
+    """
+    timm_name = timm_name or model_name
+    reference = None
+    if checkpoint_file is None:
+        reference = timm_model(timm_name)
+        state_dict, source = reference.state_dict(), f"timm:{timm_name} (pretrained)"
+    else:
+        state_dict = load_state_dict(checkpoint_file)
+        source = f"file:{os.path.basename(checkpoint_file)}"
+    model, variables = convert_state_dict(model_name, state_dict, num_classes)
+    difference = None
+    if tolerance is not None:
+        reference = reference or timm_model(timm_name, state_dict, model.num_classes)
+        image_size = _architecture(model_name).image_size
+        difference = logit_difference(reference, model, variables, image_size)
+        if difference > tolerance:
+            raise ValueError(f"logits differ from timm's by {difference:.2e} > {tolerance}")
+    directory = save_weights(out, variables, model_name=model_name, source=source)
+    return directory, difference
+
+
 def load_weights(directory: str, target: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restores ({'params', 'batch_stats'}, metadata) written by `save_weights`.
 

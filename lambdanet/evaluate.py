@@ -31,12 +31,18 @@ def eval_loop(
     return results | {"num_examples": int(total.loss.count)}
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint_ref: str = "") -> dict:
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    checkpoint_ref: str = "",
+    require_checksums: bool = False,
+) -> dict:
     """Eval-only: restores a checkpoint ('' latest in workdir, a step, or a path) and evaluates.
 
-    Writes `eval_metrics.json` (with the checkpoint's step and directory) to `workdir`.
+    Writes `eval_metrics.json` (with the checkpoint's step and directory) to `workdir`. A
+    checkpoint without checksums is refused when `require_checksums`.
     """
-    directory, step = checkpoint.resolve_checkpoint(workdir, checkpoint_ref)
+    directory, step = checkpoint.resolve_checkpoint(workdir, checkpoint_ref, require_checksums)
     # Eval-only reads no training data (a folder may hold only val/): the eval split stands in
     # for the training split, with the smallest valid batch.
     config = config.copy_and_resolve_references()

@@ -21,14 +21,20 @@ every `config.eval_every_epochs` and at the end; `train` skips evaluation; `eval
 checkpoint: the latest in WORKDIR, a step number, or a path (a workdir, its checkpoints
 directory or one step's directory).
 
+Resuming: the same command resumes from the newest checkpoint that passes its checksums. A
+resume with another recipe than the workdir's config record is refused, listing the fields,
+unless `--allow_config_change` (then recorded as WORKDIR/config.step_N.json; config.json stays
+the first); `--require_checksums` refuses checkpoints without checksums (written before they
+were recorded), which are otherwise used with a warning saying they are unverified.
+
 Exit status: 0 when the run finished (or was already finished: it is then left unchanged); 75
 (EXIT_STOPPED, sysexits' EX_TEMPFAIL) when SIGTERM/SIGINT stopped it after saving a checkpoint:
 run the same command to resume (a scheduler requeues on it); 1 on an error, whose last line says
-what went wrong and what to do.
+what went wrong, what was kept and what to do (`--verbose` adds the tracebacks above it).
 
 Compiled programs are cached in `--compilation_cache` (default $JAX_COMPILATION_CACHE_DIR or
-~/.cache/lambdanet/jax; '' turns it off); the log says whether the train step was compiled or
-loaded, and how long its first step took.
+~/.cache/lambdanet/jax; '' turns it off, whatever $JAX_COMPILATION_CACHE_DIR says); the log says
+whether the train step was compiled or loaded, and how long its first step took.
 
 Several hosts: start one process per host with `--distributed` (cluster auto-detection: SLURM,
 Open MPI, Cloud TPU, Kubernetes) or with `--coordinator_address=HOST:PORT --num_processes=N
@@ -42,7 +48,7 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from lambdanet import command_line, evaluate, train_loop
+from lambdanet import checkpoint, command_line, evaluate, train_loop, workdir_lock
 
 _CONFIG = command_line.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, events and metrics.")
@@ -74,6 +80,17 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "JAX's persistent compilation cache: a resumed run, an eval-only run and the n-th run of a "
     "sweep load their compiled programs from it. '' turns it off.",
 )
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume a workdir with another recipe than its config record (recorded as config.step_N.json).",
+)
+_REQUIRE_CHECKSUMS = flags.DEFINE_bool(
+    "require_checksums", False, "Refuse checkpoints without checksums instead of using them."
+)
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "On an error, show the tracebacks (the program's and its libraries')."
+)
 flags.mark_flag_as_required("config")
 flags.register_multi_flags_validator(
     ["workdir", "print_config"],
@@ -85,14 +102,28 @@ flags.register_multi_flags_validator(
 EXIT_STOPPED = train_loop.EXIT_STOPPED
 
 
+# The errors whose message says what happened, what was kept and what to do: one line each.
+_EXPLAINED = (
+    ValueError,
+    FloatingPointError,
+    checkpoint.CheckpointSaveError,
+    workdir_lock.WorkdirLockedError,
+)
+
+
 class _QuietLibraries(std_logging.Filter):
     """Keeps warnings and errors of orbax (which logs every save at INFO), drops its info lines
     and the warning it gives for each save without eval metrics: only the saves after an
-    evaluation carry them (the best checkpoint is ranked among those), by design."""
+    evaluation carry them (the best checkpoint is ranked among those), by design. The tracebacks
+    of its errors (a failed save logs several) are dropped unless `tracebacks`."""
+
+    tracebacks = False
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         if "/orbax/" not in record.pathname:
             return True
+        if not self.tracebacks:
+            record.exc_info, record.exc_text = None, None
         return record.levelno >= std_logging.WARNING and not record.getMessage().startswith(
             "Requested `tracked_metric`; did not provide metrics"
         )
@@ -101,15 +132,49 @@ class _QuietLibraries(std_logging.Filter):
 _QUIET_LIBRARIES = _QuietLibraries()
 
 
+def _set_compilation_cache(directory: str) -> None:
+    """JAX's persistent compilation cache in `directory`; '' turns it off, also when
+    $JAX_COMPILATION_CACHE_DIR (which JAX reads itself) names one."""
+    jax.config.update("jax_compilation_cache_dir", directory or None)
+    jax.config.update("jax_enable_compilation_cache", bool(directory))
+
+
 def main(argv: list[str]) -> None:
+    """Runs the mode; an explained error (`_EXPLAINED`) ends it with its message as the last
+    line, above which only `--verbose` shows tracebacks."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _PRINT_CONFIG.value:
         print(_CONFIG.value, end="")
         return
+    _QUIET_LIBRARIES.tracebacks = _VERBOSE.value
     logging.get_absl_handler().addFilter(_QUIET_LIBRARIES)
-    if _COMPILATION_CACHE.value:
-        jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
+    _set_compilation_cache(_COMPILATION_CACHE.value)
+    try:
+        _run()
+    except _EXPLAINED as error:
+        if _VERBOSE.value:
+            logging.exception("The run failed:")
+        listed, last = _last_line(str(error))
+        if listed:
+            print(listed, file=sys.stderr)
+        sys.exit(f"FATAL {last}")
+
+
+def _last_line(message: str) -> tuple[str, str]:
+    """(the lines above, the last line) of an error's message: one of several lines (a headline
+    ending in ':', an indented list, maybe sentences after it) ends on its headline and those
+    sentences, the list above it."""
+    head, *rest = message.splitlines()
+    listed = [line for line in rest if line.startswith(" ")]
+    after = [line for line in rest if not line.startswith(" ")]
+    if not listed:
+        return "", " ".join([head, *after])
+    return "\n".join(listed), " ".join([f"{head.rstrip(':')} (listed above).", *after])
+
+
+def _run() -> None:
+    """Starts JAX (on several processes if asked) and runs the mode."""
     if _DISTRIBUTED.value or _COORDINATOR.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info(
@@ -121,10 +186,16 @@ def main(argv: list[str]) -> None:
         jax.devices()[0].platform,
     )
     if _MODE.value == "eval":
-        evaluate.evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+        evaluate.evaluate(
+            _CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _REQUIRE_CHECKSUMS.value
+        )
     else:
         final = train_loop.train_and_evaluate(
-            _CONFIG.value, _WORKDIR.value, run_eval=_MODE.value != "train"
+            _CONFIG.value,
+            _WORKDIR.value,
+            run_eval=_MODE.value != "train",
+            allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+            require_checksums=_REQUIRE_CHECKSUMS.value,
         )
         if final.get("stopped_early"):
             sys.exit(EXIT_STOPPED)

@@ -12,12 +12,14 @@
 Both expose `write_scalars(step, scalars)`, `write_hparams(hparams)`, `flush()` and `close()`.
 """
 
+import glob
 import json
 import os
 import socket
+import struct
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from absl import logging
@@ -193,3 +195,32 @@ def write_json(path: str, metrics: Mapping[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(dict(metrics), f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def _records(path: str) -> Iterator[bytes]:
+    """The records of a TFRecord file (length, its CRC, data, its CRC), up to a torn end."""
+    with open(path, "rb") as f:
+        while len(header := f.read(12)) == 12:
+            (length,) = struct.unpack("<Q", header[:8])
+            data = f.read(length)
+            if len(data) < length or len(f.read(4)) < 4:
+                return
+            yield data
+
+
+def read_scalars(logdir: str, step: int) -> dict[str, float]:
+    """The scalars written at `step` to the TensorBoard event files in `logdir` (by either writer
+    of `create_metric_writer`; a later file's value wins)."""
+    from tensorboard.compat.proto import event_pb2
+
+    values = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
+        for event in map(event_pb2.Event.FromString, _records(path)):
+            if event.step != step:
+                continue
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    values[value.tag] = value.simple_value
+                elif value.tensor.float_val or value.tensor.double_val:
+                    values[value.tag] = (*value.tensor.float_val, *value.tensor.double_val)[0]
+    return values

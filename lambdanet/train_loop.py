@@ -1,9 +1,11 @@
 """The training loop: `train_and_evaluate(config, workdir)` trains, evaluates and checkpoints.
 
 A workdir holds one run at a time (`lambdanet.workdir_lock`); a run resumes from the newest
-checkpoint that passes its checksums, writes config.json once the checkpoint matches the config,
-and leaves a finished workdir unchanged. SIGTERM/SIGINT, preemption and non-finite steps stop it
-as `lambdanet.stopping` says, always with the last good checkpoint kept.
+checkpoint that passes its checksums, refuses a changed recipe unless allowed and records every
+config the workdir ran with (`lambdanet.config_records`) once the checkpoint matches it, and
+leaves a finished workdir unchanged. SIGTERM/SIGINT, preemption and non-finite steps stop it as
+`lambdanet.stopping` says, a shard that does not read stops it at once, always with the last
+good checkpoint kept.
 """
 
 import contextlib
@@ -17,7 +19,16 @@ import jax
 import ml_collections
 from absl import logging
 
-from lambdanet import analysis, checkpoint, metric_writers, sharding, step_cache, workdir_lock
+from lambdanet import (
+    analysis,
+    checkpoint,
+    config_records,
+    metric_writers,
+    sharding,
+    step_cache,
+    workdir_lock,
+)
+from lambdanet.data.array_record import ShardReadError
 from lambdanet.evaluate import eval_loop
 from lambdanet.experiment import Experiment, create_experiment, log_experiment
 from lambdanet.stopping import check_finite, should_stop, stop_requested_by_signal, warn_nonfinite
@@ -32,7 +43,12 @@ EXIT_STOPPED = 75
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, run_eval: bool = True
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    run_eval: bool = True,
+    *,
+    allow_config_change: bool = False,
+    require_checksums: bool = False,
 ) -> dict[str, Any]:
     """Trains (resuming from WORKDIR/checkpoints if present), evaluates, returns final metrics.
 
@@ -41,7 +57,9 @@ def train_and_evaluate(
     when `run_eval`. SIGTERM/SIGINT stop the run after the current step with a checkpoint; the
     returned metrics then have 'stopped_early' (and no final_metrics.json is written). A
     finished workdir (its final step saved, final_metrics.json written) is left unchanged and
-    its final metrics returned, with 'already_finished'.
+    its final metrics returned, with 'already_finished'. A resume with another recipe than the
+    workdir's config record is refused (ConfigChangedError) unless `allow_config_change`; a
+    checkpoint without checksums is refused when `require_checksums`.
     """
     is_chief = jax.process_index() == 0
     with workdir_lock.hold(workdir) if is_chief else contextlib.nullcontext():
@@ -51,21 +69,27 @@ def train_and_evaluate(
             os.path.join(workdir, checkpoint.CHECKPOINT_DIR), config.keep_checkpoints
         )
         try:
-            state = _initial_state(config, exp, manager)
+            state = _initial_state(config, exp, manager, require_checksums)
+            start_step = int(state.step)
             final_path = os.path.join(workdir, FINAL_METRICS_FILE)
-            if int(state.step) >= exp.num_train_steps and os.path.exists(final_path):
-                return _finished(workdir, int(state.step), final_path)
+            if start_step >= exp.num_train_steps and os.path.exists(final_path):
+                return _finished(workdir, start_step, final_path)
+            changed = config_records.check(workdir, config, start_step, allow_config_change)
             if is_chief:
-                checkpoint.save_config(workdir, config)  # the checkpoints match it
+                config_records.record(workdir, config, start_step, changed)
             writer = metric_writers.create_metric_writer(workdir, write_files=is_chief)
             try:
                 with stop_requested_by_signal() as stop:
                     final = _train(config, exp, state, manager, writer, run_eval, stop)
                 checkpoint.check_saves(manager, wait=True)
+            except ShardReadError as error:
+                raise _stopped_by_data(error, manager) from None
             finally:
-                writer.close()
+                _close(writer, workdir)
         finally:
             manager.close()  # waits for pending asynchronous saves
+        if start_step >= exp.num_train_steps:  # resumed after the final save: no step logged
+            final = _logged_train_metrics(workdir, start_step) | final
         if is_chief and not final.get("stopped_early"):
             warn_nonfinite(final)
             metric_writers.write_json(final_path, final)
@@ -73,10 +97,12 @@ def train_and_evaluate(
     return final
 
 
-def _initial_state(config: ml_collections.ConfigDict, exp: Experiment, manager: Any) -> TrainState:
+def _initial_state(
+    config: ml_collections.ConfigDict, exp: Experiment, manager: Any, require_checksums: bool
+) -> TrainState:
     """The newest good checkpoint's state if any (checked against the config), else the
     initial state, with `config.init_from`'s weights if set."""
-    step = checkpoint.resume_step(manager)
+    step = checkpoint.resume_step(manager, require_checksums)
     if step is not None:
         logging.info("Resuming from step %d in %s.", step, manager.directory)
         return checkpoint.restore(manager, step, exp.state)
@@ -89,13 +115,37 @@ def _finished(workdir: str, step: int, final_path: str) -> dict[str, Any]:
     logging.warning(
         "The run in %s is finished at step %d (final metrics in %s); nothing was changed. "
         "--mode=eval evaluates it again; a larger --config.num_train_steps (or num_epochs) "
-        "trains on from its last checkpoint.",
+        "with --allow_config_change trains on from its last checkpoint.",
         workdir,
         step,
         final_path,
     )
     with open(final_path) as f:
         return json.load(f) | {"already_finished": True}
+
+
+def _close(writer: metric_writers.MetricWriter, workdir: str) -> None:
+    """Closes `writer`; a failure (a full disk) is a warning: the events are not the run's
+    record, and the error that stopped the run (if any) must stay its last line."""
+    try:
+        writer.close()
+    except OSError as error:
+        logging.warning("Could not finish the TensorBoard events in %s: %s.", workdir, error)
+
+
+def _stopped_by_data(error: ShardReadError, manager: Any) -> ShardReadError:
+    """`error` with what training kept and how to go on."""
+    checkpoint.check_saves(manager, wait=True)
+    return ShardReadError(
+        f"{error} Training stopped; {checkpoint.last_good(manager)}: run the same command to "
+        "resume once the shard is rewritten."
+    )
+
+
+def _logged_train_metrics(workdir: str, step: int) -> dict[str, float]:
+    """The train metrics logged at `step` (the run's final step) to the workdir's events."""
+    logged = metric_writers.read_scalars(workdir, step)
+    return {k: v for k, v in logged.items() if not k.startswith("eval_")}
 
 
 def _init_from(path: str, state: TrainState) -> TrainState:
@@ -178,6 +228,7 @@ def _train(
             or done % config.checkpoint_every_steps == 0
         ):
             nonfinite = check_finite(state, config, manager, exp.num_train_steps, nonfinite)
+            writer.flush()  # the events of the steps saved: a resume at the end reads them
             checkpoint.save(manager, state, config, eval_metrics if evaluated else None)
             stopping = stopping or stop.is_set()  # a signal during the save
         if interrupted or (stopping and not is_last):

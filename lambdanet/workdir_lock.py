@@ -67,7 +67,11 @@ def _write_record(fd: int) -> None:
 
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[None]:
-    """Holds WORKDIR/lock until the block ends; WorkdirLockedError if a live process holds it."""
+    """Holds WORKDIR/lock until the block ends; WorkdirLockedError if a live process holds it.
+
+    A workdir this call created and that holds nothing but the lock at the end (a run that
+    failed at its start) is removed."""
+    created = not os.path.isdir(workdir)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -78,5 +82,8 @@ def hold(workdir: str) -> Iterator[None]:
             yield
         finally:
             os.ftruncate(fd, 0)  # an empty file: released, not stale
+            if created and os.listdir(workdir) == [LOCK_FILE]:
+                os.unlink(path)  # still locked: no other run took this workdir meanwhile
+                os.rmdir(workdir)
     finally:
         os.close(fd)  # releases the flock

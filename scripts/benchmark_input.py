@@ -3,8 +3,11 @@ r"""Input-pipeline throughput on the host CPU, one JSON line per measurement (no
   # decoders alone: P processes, each decoding + cropping a shard set's records from memory
   python scripts/benchmark_input.py --shards=DIR --mode=decoders --decoders=simplejpeg,opencv \
       --processes=1,4,8,16 --sizes=224,128
-  # the whole ArrayRecord loader (Grain workers, batching, shared memory), without a model
-  python scripts/benchmark_input.py --shards=DIR --mode=loader --processes=4,8,15 --sizes=224
+  # a config's train input (here the whole ArrayRecord loader: Grain workers, batching, shared
+  # memory), without a model: --config's dataset at each of --sizes with each of --processes
+  # workers (its decoder and fast_dct as the config sets them)
+  python scripts/benchmark_input.py --mode=loader --config=default \
+      --config.dataset.name=array_record --config.dataset.path=DIR --processes=4,8,15 --sizes=224
   # the tf.data path (TFDS ImageFolder) on the same images: --folder=ROOT, per-core rate
   python scripts/benchmark_input.py --folder=ROOT --mode=tf_data --sizes=224
   # the peer: torchvision ImageFolder + DataLoader (timm's loader: PIL decode, RandomResizedCrop)
@@ -15,17 +18,34 @@ img/s counts training crops (Inception crop, area 8-100%); a small shard set is 
 `scripts/benchmark.py --input-pipeline`.
 """
 
-import argparse
 import itertools
 import json
 import multiprocessing
 import os
 import platform
 import time
+import types
 
-import numpy as np
+import ml_collections
+from absl import app, flags
 
-from lambdanet.data import array_record, decode
+from lambdanet import command_line, data
+from lambdanet.data import array_record, crop, decode
+
+_CONFIG = command_line.define_config_flag()
+_MODE = flags.DEFINE_enum("mode", None, ["decoders", "loader", "tf_data", "torch"], "What to time.")
+_SHARDS = flags.DEFINE_string("shards", None, "An ArrayRecord shard set (decoders).")
+_FOLDER = flags.DEFINE_string(
+    "folder", None, "An image folder tree ROOT/<split>/<class>/ (tf_data, torch)."
+)
+_SPLIT = flags.DEFINE_string("split", "train", "The split read (decoders, tf_data, torch).")
+_DECODERS = flags.DEFINE_list("decoders", ["simplejpeg"], f"Comma list of {decode.DECODERS}.")
+_NO_FAST_DCT = flags.DEFINE_bool("no-fast-dct", False, "Decoders: the exact IDCT.")
+_PROCESSES = flags.DEFINE_list("processes", ["1", "4", "8", "16"], "Processes or loader workers.")
+_SIZES = flags.DEFINE_list("sizes", ["224", "128"], "Image sides.")
+_BATCH_SIZE = flags.DEFINE_integer("batch-size", 256, "Batch size (loader, tf_data, torch).")
+_SECONDS = flags.DEFINE_float("seconds", 10.0, "Seconds each measurement reads for.")
+flags.mark_flag_as_required("mode")
 
 
 def _records(shards: str, split: str) -> list[bytes]:
@@ -42,8 +62,7 @@ def _decode_for(args):
     shards, split, decoder_name, fast_dct, size, seconds, start_at, seed = args
     images = _records(shards, split)
     decoder = decode.Decoder(decoder_name, fast_dct)
-    rng = np.random.default_rng(seed)
-    box_fn = lambda h, w: decode.sample_crop_box(rng, h, w, (0.08, 1.0), (3 / 4, 4 / 3))
+    box_fn = crop.inception_box_fn([seed], (0.08, 1.0), (3 / 4, 4 / 3))
     while time.time() < start_at:
         time.sleep(0.001)
     count, stop = 0, start_at + seconds
@@ -54,9 +73,9 @@ def _decode_for(args):
 
 
 def measure_decoders(args) -> None:
-    for decoder_name in args.decoders.split(","):
-        for size in map(int, args.sizes.split(",")):
-            for processes in map(int, args.processes.split(",")):
+    for decoder_name in args.decoders:
+        for size in map(int, args.sizes):
+            for processes in map(int, args.processes):
                 start_at = time.time() + 2.0 + 0.2 * processes  # all start together
                 tasks = [
                     (
@@ -105,14 +124,12 @@ def _steady_rate(batches, args, warmup_batches: int, buffered: int) -> tuple[flo
     return steps * args.batch_size / (time.perf_counter() - start), startup
 
 
-def _train_rate(args, warmup_batches: int, **fields) -> tuple[float, float]:
+def _train_rate(
+    args, warmup_batches: int, dataset: ml_collections.ConfigDict, seed: int = 0
+) -> tuple[float, float]:
     """(img/s, start-up seconds) of a dataset config's train batches, without a model."""
-    from lambdanet import data
-
-    config = data.default_dataset_config()
-    config.update(dict(train_split=args.split, eval_split=args.split) | fields)
     ds = data.create_dataset(
-        config, global_batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=0
+        dataset, global_batch_size=args.batch_size, eval_batch_size=args.batch_size, seed=seed
     )
     iterator = ds.train_iter(0)
     rate, startup = _steady_rate(
@@ -123,25 +140,21 @@ def _train_rate(args, warmup_batches: int, **fields) -> tuple[float, float]:
     return rate, startup
 
 
-def measure_loader(args) -> None:
-    decoder = args.decoders.split(",")[0]
-    for size in map(int, args.sizes.split(",")):
-        for workers in map(int, args.processes.split(",")):
-            rate, startup = _train_rate(
-                args,
-                max(2, workers * 3),  # start-up: a few batches from every worker
-                name="array_record",
-                path=args.shards,
-                image_size=size,
-                workers=workers,
-                decoder=decoder,
-                fast_dct=args.fast_dct,
-            )
+def measure_loader(args, config: ml_collections.ConfigDict) -> None:
+    """`config`'s train input (its dataset, its train split read for eval too: no eval batch is
+    read) at each of `args.sizes` with each of `args.processes` workers."""
+    for size in map(int, args.sizes):
+        for workers in map(int, args.processes):
+            dataset = config.dataset.copy_and_resolve_references()
+            dataset.update(eval_split=dataset.train_split, image_size=size, workers=workers)
+            # start-up: a few batches from every worker
+            rate, startup = _train_rate(args, max(2, workers * 3), dataset, config.data_seed)
             _emit(
                 dict(
                     kind="loader",
-                    decoder=decoder,
-                    fast_dct=args.fast_dct,
+                    dataset=dataset.name,
+                    decoder=dataset.decoder,
+                    fast_dct=dataset.fast_dct,
                     size=size,
                     workers=workers,
                     batch_size=args.batch_size,
@@ -153,10 +166,11 @@ def measure_loader(args) -> None:
 
 def measure_tf_data(args) -> None:
     cores = len(os.sched_getaffinity(0))
-    for size in map(int, args.sizes.split(",")):
-        rate, _ = _train_rate(
-            args, 3, name="image_folder", path=args.folder, image_size=size, shuffle_buffer=512
-        )
+    for size in map(int, args.sizes):
+        dataset = data.default_dataset_config()
+        dataset.update(name="image_folder", path=args.folder, image_size=size, shuffle_buffer=512)
+        dataset.update(train_split=args.split, eval_split=args.split)
+        rate, _ = _train_rate(args, 3, dataset)
         _emit(
             dict(
                 kind="tf_data",
@@ -175,7 +189,7 @@ def measure_torch(args) -> None:
     import torch
     from torchvision import datasets, transforms
 
-    for size in map(int, args.sizes.split(",")):
+    for size in map(int, args.sizes):
         transform = transforms.Compose(
             [
                 transforms.RandomResizedCrop(size),
@@ -187,7 +201,7 @@ def measure_torch(args) -> None:
         # A small folder repeated, so that an epoch holds enough batches for every worker.
         repeats = -(-args.batch_size * 64 // len(folder))
         folder = torch.utils.data.ConcatDataset([folder] * repeats)
-        for workers in map(int, args.processes.split(",")):
+        for workers in map(int, args.processes):
             loader = torch.utils.data.DataLoader(
                 folder,
                 batch_size=args.batch_size,
@@ -220,32 +234,35 @@ def _emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=["decoders", "loader", "tf_data", "torch"], required=True)
-    parser.add_argument("--shards", help="an ArrayRecord shard set (decoders, loader)")
-    parser.add_argument(
-        "--folder", help="an image folder tree ROOT/<split>/<class>/ (tf_data, torch)"
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    mode, folder_mode = _MODE.value, _MODE.value in ("tf_data", "torch")
+    given = dict(folder=bool(_FOLDER.value), shards=bool(_SHARDS.value), config=bool(_CONFIG.value))
+    takes = dict(folder=folder_mode, shards=mode == "decoders", config=mode == "loader")
+    if given != takes:
+        raise app.UsageError(
+            "--mode=tf_data and --mode=torch take --folder, --mode=decoders --shards, "
+            "--mode=loader --config (e.g. --config=default --config.dataset.name=array_record "
+            "--config.dataset.path=DIR)."
+        )
+    args = types.SimpleNamespace(
+        shards=_SHARDS.value,
+        folder=_FOLDER.value,
+        split=_SPLIT.value,
+        decoders=_DECODERS.value,
+        fast_dct=not _NO_FAST_DCT.value,
+        processes=_PROCESSES.value,
+        sizes=_SIZES.value,
+        batch_size=_BATCH_SIZE.value,
+        seconds=_SECONDS.value,
     )
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--decoders", default="simplejpeg", help=f"comma list of {decode.DECODERS}")
-    parser.add_argument("--no-fast-dct", dest="fast_dct", action="store_false")
-    parser.add_argument("--processes", default="1,4,8,16", help="processes or Grain workers")
-    parser.add_argument("--sizes", default="224,128")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    args = parser.parse_args()
-    folder_mode = args.mode in ("tf_data", "torch")
-    if folder_mode != bool(args.folder) or (not folder_mode) != bool(args.shards):
-        parser.error("--mode=tf_data and --mode=torch take --folder; the others take --shards.")
-    measure = dict(
-        decoders=measure_decoders,
-        loader=measure_loader,
-        tf_data=measure_tf_data,
-        torch=measure_torch,
-    )
-    measure[args.mode](args)
+    if mode == "loader":
+        measure_loader(args, _CONFIG.value)
+        return
+    measure = dict(decoders=measure_decoders, tf_data=measure_tf_data, torch=measure_torch)
+    measure[mode](args)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main, flags_parser=command_line.parse_flags)

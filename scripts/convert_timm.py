@@ -14,13 +14,7 @@ same random batch and fails if their logits differ by more than --tolerance (rel
 largest logit). The checkpoint lands in OUT/checkpoints/0.
 """
 
-from __future__ import annotations
-
 import argparse
-from pathlib import Path
-
-import jax
-import numpy as np
 
 from lambdanet import convert_timm
 
@@ -41,49 +35,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _timm_model(name: str, state_dict: dict | None = None, num_classes: int = 1000):
-    """timm's ``name``: pretrained (downloaded) when no ``state_dict`` is given, else loaded."""
-    import timm
-    import torch
-
-    if state_dict is None:
-        return timm.create_model(name, pretrained=True).eval()
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
-    return model.eval()
-
-
-def verify(timm_model, model, variables, image_size: int) -> float:
-    """Max |logits difference| / max |timm logits| on a random [2, S, S, 3] batch."""
-    import torch
-
-    x = np.random.default_rng(0).standard_normal((2, image_size, image_size, 3), np.float32)
-    with torch.no_grad():
-        expected = timm_model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-    logits = np.asarray(jax.jit(model.apply)(variables, x))
-    return float(np.abs(logits - expected).max() / np.abs(expected).max())
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    timm_name = args.timm_name or args.model
-    if args.pretrained_live:
-        timm_model = _timm_model(timm_name)
-        state_dict, source = timm_model.state_dict(), f"timm:{timm_name} (pretrained)"
-    else:
-        state_dict = convert_timm.load_state_dict(args.checkpoint)
-        source = f"file:{Path(args.checkpoint).name}"
-    model, variables = convert_timm.convert_state_dict(args.model, state_dict, args.num_classes)
-    if args.verify:
-        if not args.pretrained_live:
-            timm_model = _timm_model(timm_name, state_dict, model.num_classes)
-        image_size = convert_timm.ARCHITECTURES[args.model].image_size
-        error = verify(timm_model, model, variables, image_size)
-        print(f"max relative logit difference vs timm: {error:.2e}")
-        if error > args.tolerance:
-            raise SystemExit(f"logits differ from timm's by {error:.2e} > {args.tolerance}")
-    directory = convert_timm.save_weights(args.out, variables, model_name=args.model, source=source)
-    print(f"wrote {args.model} weights ({source}) to {directory}/{convert_timm.WEIGHTS_STEP}")
+    try:
+        directory, difference = convert_timm.convert_checkpoint(
+            args.model,
+            args.out,
+            checkpoint_file=args.checkpoint,
+            timm_name=args.timm_name,
+            num_classes=args.num_classes,
+            tolerance=args.tolerance if args.verify else None,
+        )
+    except ValueError as error:
+        raise SystemExit(str(error)) from error
+    if difference is not None:
+        print(f"max relative logit difference vs timm: {difference:.2e}")
+    print(f"wrote {args.model} weights to {directory}/{convert_timm.WEIGHTS_STEP}")
 
 
 if __name__ == "__main__":

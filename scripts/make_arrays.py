@@ -1,10 +1,9 @@
 r"""Writes a compact array file (.npz) for the TF-free in-memory input path (`name='in_memory'`).
 
-The source is an image folder tree ROOT/<split>/<class>/<image> or a TFDS split. Every image is
-decoded once (corrupt, truncated or unreadable files are counted and skipped with a warning),
-converted to RGB, its central square resized to --size, and stored as JPEG bytes (--format=jpeg,
---quality; the loader decodes them once, into memory) or as raw uint8 pixels (--format=raw).
-The file layout is in `lambdanet/data/in_memory.py`.
+The source is an image folder tree ROOT/<split>/<class>/<image> (--folder) or a TFDS split
+(--tfds); every image is decoded once, its central square resized to --size and stored as JPEG
+(--quality) or raw pixels (`lambdanet.data.arrays_writer`; the layout is in
+`lambdanet/data/in_memory.py`).
 
 Imagenette at 128 px for the GPU (44 MiB: about 5.4 KB an image at quality 85):
   python scripts/make_arrays.py --folder=IMAGENETTE_DIR --splits=train,val \
@@ -14,12 +13,11 @@ A TFDS split (TensorFlow is needed for this one only):
       --size=128 --output=artifacts/imagenette_tfds_128.npz
 """
 
-import os
 from collections.abc import Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from lambdanet.data import in_memory
+from lambdanet.data import arrays_writer
 
 _FOLDER = flags.DEFINE_string("folder", None, "Image folder tree ROOT/<split>/<class>/<image>.")
 _TFDS = flags.DEFINE_string("tfds", None, "TFDS dataset name (instead of --folder).")
@@ -38,75 +36,9 @@ _MAX_EXAMPLES = flags.DEFINE_integer(
 _OUTPUT = flags.DEFINE_string("output", None, "The .npz file to write.", required=True)
 
 
-def tfds_arrays(
-    name: str,
-    splits: Sequence[str],
-    size: int,
-    *,
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    max_examples: int | None = None,
-) -> tuple[dict[str, in_memory.ImageArrays], list[str]]:
-    """Decodes TFDS splits into ImageArrays at side `size` (through the tf.data input pipeline)."""
-    from lambdanet.data import default_dataset_config, input_pipeline
-
-    config = default_dataset_config()
-    config.update(dict(name=name, data_dir=data_dir, manual_dir=manual_dir))
-    arrays, class_names = {}, []
-    for split in splits:
-        encoded, labels, class_names = input_pipeline.encoded_examples(config, split, max_examples)
-        arrays[split] = in_memory.decode_images(encoded, labels, size, f"{name}:{split}")
-    return arrays, class_names
-
-
-def make_arrays(
-    output: str,
-    *,
-    splits: Sequence[str],
-    size: int,
-    folder: str | None = None,
-    tfds_name: str | None = None,
-    image_format: str = "jpeg",
-    quality: int = 90,
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    max_per_class: int | None = None,
-    max_examples: int | None = None,
-) -> dict[str, in_memory.ImageArrays]:
-    """Reads `folder` or `tfds_name` and writes `output`; returns the splits written."""
-    if (folder is None) == (tfds_name is None):
-        raise ValueError("Give exactly one source: --folder=ROOT or --tfds=NAME.")
-    if not output.endswith(".npz"):
-        raise ValueError(f"--output={output!r} must end in .npz.")
-    if folder is not None:
-        arrays, class_names = in_memory.load_image_folder(folder, splits, size, max_per_class)
-    else:
-        arrays, class_names = tfds_arrays(
-            tfds_name,
-            splits,
-            size,
-            data_dir=data_dir,
-            manual_dir=manual_dir,
-            max_examples=max_examples,
-        )
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    in_memory.save_npz(output, arrays, class_names, image_format, quality)
-    for split, data in arrays.items():
-        logging.info("%s: %d images, %d skipped", split, len(data.labels), data.num_skipped)
-    logging.info(
-        "Wrote %s (%.1f MiB, %d classes, %s, %d px).",
-        output,
-        os.path.getsize(output) / 2**20,
-        len(class_names),
-        image_format,
-        size,
-    )
-    return arrays
-
-
 def main(argv: Sequence[str]) -> None:
     del argv
-    make_arrays(
+    arrays_writer.make_arrays(
         _OUTPUT.value,
         splits=_SPLITS.value,
         size=_SIZE.value,

@@ -4,14 +4,15 @@
 #   [DEADLINE_S=540] bash scripts/measure_scaling.sh OUT_DIR GPU_COUNTS [IMAGENETTE_ARRAYS]
 #   bash scripts/measure_scaling.sh results/raw 1,2,4,8 artifacts/imagenette_128.npz
 #
-# 1. With IMAGENETTE_ARRAYS (scripts/make_arrays.py's file): 200 steps of
-#    configs/imagenette.py:resnet50 (global batch 256) on 1 GPU and on the largest count, from the
+# 1. With IMAGENETTE_ARRAYS (scripts/make_arrays.py's file): 200 steps of the config
+#    imagenette:resnet50 (global batch 256) on 1 GPU and on the largest count, from the
 #    same initialisation; console logs (`[step] train_loss=...` every 10 steps, then the final
 #    evaluation) in OUT_DIR/data_parallel_<N>gpu.log.
 # 2. Training img/s of resnet50, hybrid_resnet50 (C,C,L,L) and lambda_resnet50 at 160 px, bf16,
-#    batch 256 and then 128 per GPU, on each count of GPU_COUNTS (scripts/benchmark.py --scaling,
-#    one process per count, so the one-GPU base of each efficiency is of the same call), with
-#    BatchNorm statistics over the global batch (sync_batch_norm true) and per device (false; the
+#    batch 256 and then 128 per GPU, on each count of GPU_COUNTS (scripts/benchmark.py
+#    --config=default:MODEL --scaling, one process per count, so the one-GPU base of each
+#    efficiency is of the same call), with BatchNorm statistics over the global batch
+#    (--config.sync_batch_norm=true) and per device (false; the
 #    same program on one GPU, so not repeated when GPU_COUNTS is 1): OUT_DIR/scaling_160.jsonl.
 #
 # Resumable: what OUT_DIR already holds is not measured again. With DEADLINE_S, no measurement
@@ -33,7 +34,7 @@ if [[ -n $arrays ]]; then
     log=$out/data_parallel_${n}gpu.log
     if grep -q "Final metrics" "$log" 2>/dev/null; then continue; fi
     CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) python3 -m lambdanet.main \
-      --config=configs/imagenette.py:resnet50 --config.dataset.path="$arrays" \
+      --config=imagenette:resnet50 --config.dataset.path="$arrays" \
       --config.num_train_steps=200 --config.log_every_steps=10 --config.eval_every_epochs=0 \
       --workdir="workdir/data_parallel_${n}gpu" >>"$log" 2>&1  # a resumed run keeps its log
   done
@@ -45,7 +46,7 @@ for batch in 256 128; do
   for model in resnet50 hybrid_resnet50 lambda_resnet50; do
     for sync in $syncs; do
       # This measurement's line for the largest count is in the results: it is done.
-      if grep -F "\"model\": \"$model\"," "$results" |
+      if grep -F "\"config\": \"default:$model\"," "$results" |
         grep -F "\"batch_size\": $((batch * largest))," | grep -F "\"num_devices\": $largest," |
         grep -qF "\"sync_batch_norm\": $sync}"; then
         continue
@@ -55,9 +56,9 @@ for batch in 256 128; do
         exit 75
       fi
       began=$SECONDS
-      python3 scripts/benchmark.py --model "$model" --modes train --image-size 160 \
-        --batch-size "$batch" --scaling "$counts" --warmup 5 --windows 3 --steps 20 \
-        --config-overrides "{\"sync_batch_norm\": $sync}" | grep '^{' >>"$results" ||
+      python3 scripts/benchmark.py --config="default:$model" --modes=train --image-size=160 \
+        --batch-size="$batch" --scaling="$counts" --warmup=5 --windows=3 --steps=20 \
+        --config.sync_batch_norm="$sync" | grep '^{' >>"$results" ||
         echo "measure_scaling.sh: $model, batch $batch, sync_batch_norm $sync failed" >&2
       last=$((SECONDS - began))
     done

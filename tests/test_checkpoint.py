@@ -7,7 +7,7 @@ import ml_collections
 import optax
 import pytest
 
-from lambdanet import checkpoint, train, train_loop
+from lambdanet import checkpoint, checkpoint_integrity, train, train_loop
 
 CONFIG = ml_collections.ConfigDict(dict(model_name="toy"))
 
@@ -230,9 +230,26 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_newest_good_one(
     assert checkpoint.verify(str(directory / "6")) is None
 
 
-def test_checkpoints_without_checksums_load_unverified_with_a_warning(workdir, caplog):
+def test_checkpoints_without_checksums_load_unverified_with_a_warning_or_are_refused(
+    workdir, caplog
+):
     directory = workdir / checkpoint.CHECKPOINT_DIR
     for step in (2, 5, 6):
         os.remove(directory / str(step) / checkpoint.CHECKSUM_FILE)
+    _flip_bytes(directory / "6")  # unnoticed without checksums
     assert checkpoint.resolve_checkpoint(str(workdir))[1] == 6
-    assert any("have no checksums" in m and "step 6 unverified" in m for m in caplog.messages)
+    plainly = f"Checkpoint step 6 in {directory} has no checksums.json (it predates them or "
+    assert any(
+        m.startswith(plainly)
+        and "a damaged byte in it would load unnoticed; using it UNVERIFIED" in m
+        for m in caplog.messages
+    )
+    refused = "--require_checksums refuses it; nothing was changed. Run without"
+    for ref in ("", "6"):
+        with pytest.raises(checkpoint_integrity.UnverifiedCheckpointError, match=refused):
+            checkpoint.resolve_checkpoint(str(workdir), ref, require_checksums=True)
+    manager = checkpoint.create_checkpoint_manager(directory, 2)
+    with pytest.raises(checkpoint_integrity.UnverifiedCheckpointError, match=refused):
+        checkpoint.resume_step(manager, require_checksums=True)
+    assert checkpoint.list_steps(str(directory)) == [2, 5, 6]
+    manager.close()

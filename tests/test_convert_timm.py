@@ -16,7 +16,6 @@ from timm.layers.lambda_layer import LambdaLayer as TimmLambdaLayer  # noqa: E40
 
 from lambdanet import checkpoint, convert_timm  # noqa: E402
 from lambdanet.layers import LambdaLayer  # noqa: E402
-from scripts import convert_timm as convert_timm_cli  # noqa: E402
 
 RTOL = 1e-4
 # (model, input side, batch). resnet26t at 80: odd feature maps (5x5 -> 3x3, ceil-mode average
@@ -146,9 +145,10 @@ def test_mismatches_are_listed(timm_models):
         convert_timm.convert_state_dict("resnet18", state_dict)
 
 
-def test_cli_checkpoint_round_trip(timm_models, tmp_path):
-    """.pth (wrapped, DataParallel prefixes) and .safetensors read the same; the CLI verifies
-    the logits against timm, writes an orbax checkpoint, and it restores unchanged."""
+def test_checkpoint_file_round_trip(timm_models, tmp_path):
+    """.pth (wrapped, DataParallel prefixes) and .safetensors read the same; the conversion of a
+    file (scripts/convert_timm.py) verifies the logits against timm, writes an orbax checkpoint,
+    and it restores unchanged."""
     from safetensors.torch import save_file
 
     reference = timm_models("resnet26t")
@@ -164,9 +164,12 @@ def test_cli_checkpoint_round_trip(timm_models, tmp_path):
         np.testing.assert_array_equal(value, from_safetensors[key])
 
     out = tmp_path / "workdir"
-    cli = ["--model", "resnet26t", "--checkpoint", str(tmp_path / "model.safetensors")]
-    convert_timm_cli.main([*cli, "--out", str(out), "--verify"])
+    written, difference = convert_timm.convert_checkpoint(
+        "resnet26t", str(out), checkpoint_file=str(tmp_path / "model.safetensors"), tolerance=RTOL
+    )
+    assert difference <= RTOL
     ckpt_dir, step = checkpoint.resolve_checkpoint(str(out))
+    assert ckpt_dir == written
     assert step == convert_timm.WEIGHTS_STEP
     model, converted = convert_timm.convert_state_dict("resnet26t", state_dict)
     manager = checkpoint.create_checkpoint_manager(ckpt_dir, read_only=True)

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from lambdanet import data
+from lambdanet.data import arrays_writer as make_arrays
 from lambdanet.data import augment, batching, in_memory
-from scripts import make_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette"
@@ -264,6 +264,38 @@ def test_missing_paths_and_splits_give_clear_errors(tmp_path):
     in_memory.save_npz(tmp_path / "a.npz", {"train": _id_arrays(3)}, ["a"], image_format="raw")
     with pytest.raises(ValueError, match=r"Split 'validation' is not in .* \['train'\]"):
         in_memory.load_npz(tmp_path / "a.npz", ["validation"])
+
+
+@pytest.mark.parametrize(
+    "name, names",
+    [
+        ("in_memory", "make_arrays.py"),
+        ("array_record", "convert_to_array_record.py"),
+        ("image_folder", "ROOT/<split>/<class>/<image>.jpg"),
+    ],
+)
+def test_an_unset_path_names_what_it_must_be(name, names):
+    config = data.default_dataset_config()
+    config.name = name
+    with pytest.raises(ValueError, match=rf"name='{name}' needs --config.dataset.path=") as error:
+        data.create_dataset(config, global_batch_size=2, eval_batch_size=2, seed=0)
+    assert names in str(error.value)
+
+
+def test_the_tf_data_path_without_tensorflow_names_the_extra(tmp_path, monkeypatch):
+    from lambdanet.data import input_pipeline
+
+    for module in ("tensorflow", "tensorflow_datasets"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError
+    input_pipeline._import_tf.cache_clear()
+    config = data.default_dataset_config()
+    config.update(dict(name="image_folder", path=str(tmp_path)))
+    try:
+        with pytest.raises(ImportError, match=r"pip install 'lambdanet\[tfds\]'") as error:
+            data.create_dataset(config, global_batch_size=2, eval_batch_size=2, seed=0)
+    finally:
+        input_pipeline._import_tf.cache_clear()  # later tests import the real modules again
+    assert "pip install -e '.[tfds]'" in str(error.value)
 
 
 def test_in_memory_path_never_imports_tensorflow(tmp_path):

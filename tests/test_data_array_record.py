@@ -19,8 +19,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from lambdanet import data, sharding, train
-from lambdanet.data import array_record, convert, decode
+from lambdanet import data, evaluate, experiment, sharding, train_loop
+from lambdanet.data import array_record, convert, crop, decode
 
 REPO = Path(__file__).resolve().parents[1]
 ORIGINALS = REPO.parent / "shared" / "data" / "imagenet-originals"
@@ -158,7 +158,7 @@ def test_reduced_size_decoding_only_when_the_crop_shrinks_2x_or_more():
 def test_inception_crop_boxes_lie_inside_and_follow_the_ranges():
     rng = np.random.default_rng(3)
     boxes = np.array(
-        [decode.sample_crop_box(rng, 300, 400, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(2000)]
+        [crop.sample_crop_box(rng, 300, 400, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(2000)]
     )
     top, left, h, w = boxes.T
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 300).all()
@@ -170,7 +170,19 @@ def test_inception_crop_boxes_lie_inside_and_follow_the_ranges():
     assert ratio.min() > 0.72 and ratio.max() < 1.39
     assert abs(np.mean(top[cropped] + h[cropped] / 2) - 150) < 10  # offsets are uniform
     # No candidate fits a 1 x 400 image at 50% area: the whole image is used.
-    assert decode.sample_crop_box(rng, 1, 400, (0.5, 0.5), (1.0, 1.0)) == (0, 0, 1, 400)
+    assert crop.sample_crop_box(rng, 1, 400, (0.5, 0.5), (1.0, 1.0)) == (0, 0, 1, 400)
+
+
+def test_train_crop_boxes_of_a_seed_and_position_stay_pinned():
+    """A resumed run crops each stream position as the run it resumes did: these boxes (of
+    (seed, 1, position), drawn before the crop arithmetic moved to crop.py) must not change."""
+    boxes = [
+        crop.inception_box_fn((0, 1, position), (0.08, 1.0), (3 / 4, 4 / 3))(300, 400)
+        for position in range(4)
+    ]
+    assert boxes == [(0, 114, 298, 238), (75, 158, 173, 218), (77, 81, 194, 214), (4, 23, 292, 370)]
+    box_fn = crop.inception_box_fn((7, 1, 10**9), (0.08, 1.0), (3 / 4, 4 / 3))
+    assert box_fn(481, 640) == (1, 305, 244, 240)
 
 
 def test_train_batches_are_a_function_of_seed_and_step(shards):
@@ -421,7 +433,7 @@ def test_training_from_shards_resumes_exactly(tiny_config, shards, tmp_path, mon
     config = _train_config(tiny_config, shards)  # workers=0: equal batches, tested above
     config.num_train_steps = 6
     config.checkpoint_every_steps = 100  # only the stop and the end save
-    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+    full = train_loop.train_and_evaluate(config, str(tmp_path / "full"))
     assert full["eval_num_examples"] == 6
 
     def stop_after_step_3(*args, **kwargs):  # SIGTERM as the loop prefetches batch 3
@@ -437,23 +449,23 @@ def test_training_from_shards_resumes_exactly(tiny_config, shards, tmp_path, mon
         ds.train_iter = train_iter
         return ds
 
-    monkeypatch.setattr(train, "create_dataset", stop_after_step_3)
-    stopped = train.train_and_evaluate(config, str(tmp_path / "resumed"), run_eval=False)
+    monkeypatch.setattr(experiment, "create_dataset", stop_after_step_3)
+    stopped = train_loop.train_and_evaluate(config, str(tmp_path / "resumed"), run_eval=False)
     assert stopped["stopped_early"] and stopped["step"] == 3
-    monkeypatch.setattr(train, "create_dataset", data.create_dataset)
-    train.train_and_evaluate(config, str(tmp_path / "resumed"), run_eval=False)
+    monkeypatch.setattr(experiment, "create_dataset", data.create_dataset)
+    train_loop.train_and_evaluate(config, str(tmp_path / "resumed"), run_eval=False)
     restore = lambda run: ocp.StandardCheckpointer().restore(tmp_path / run / "checkpoints/6/state")
     chex.assert_trees_all_equal(restore("full"), restore("resumed"))
 
 
 def test_eval_from_shards_is_exact_on_1_and_8_devices(tiny_config, shards):
     config = _train_config(tiny_config, shards)
-    exp8 = train.create_experiment(config)
-    exp1 = train.create_experiment(config, devices=jax.devices()[:1])
+    exp8 = experiment.create_experiment(config)
+    exp1 = experiment.create_experiment(config, devices=jax.devices()[:1])
     assert exp8.mesh.devices.size == 8
-    eval8 = train.eval_loop(exp8, exp8.state)
+    eval8 = evaluate.eval_loop(exp8, exp8.state)
     state1 = jax.device_put(exp8.state, sharding.replicated_sharding(exp1.mesh))
-    eval1 = train.eval_loop(exp1, state1)
+    eval1 = evaluate.eval_loop(exp1, state1)
     assert eval8["num_examples"] == eval1["num_examples"] == 6
     assert eval8["loss"] == pytest.approx(eval1["loss"], rel=1e-5)
 
@@ -474,11 +486,15 @@ def test_a_tfds_dataset_converts_where_tensorflow_is_installed(tmp_path):
 
 
 def test_input_benchmark_prints_one_json_line_per_measurement(shards):
-    command = [sys.executable, str(REPO / "scripts" / "benchmark_input.py"), f"--shards={shards}"]
+    command = [sys.executable, str(REPO / "scripts" / "benchmark_input.py")]
     command += ["--sizes=32", "--seconds=0.5", "--batch-size=6"]
+    source = {  # the decoders read a shard set; the loader is a config's dataset
+        "decoders": [f"--shards={shards}"],
+        "loader": ["--config=default", f"--config.dataset.path={shards}"],
+    }
     for mode, processes in (("decoders", 1), ("loader", 0)):  # loader: decoding in-process
         out = subprocess.run(
-            [*command, f"--mode={mode}", f"--processes={processes}"],
+            [*command, *source[mode], f"--mode={mode}", f"--processes={processes}"],
             capture_output=True,
             text=True,
             timeout=300,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from lambdanet.data import augment
+from lambdanet.data import augment, crop
 
 RNG = np.random.default_rng(0)
 IMAGE = RNG.integers(0, 256, (24, 24, 3)).astype(np.uint8)
@@ -53,6 +53,31 @@ def test_crop_boxes_respect_area_ratio_and_bounds():
     ratio = width[sampled] / height[sampled]
     assert (ratio >= 3 / 4 - 1e-4).all() and (ratio <= 4 / 3 + 1e-4).all()
     assert 0.3 < area[sampled].mean() < 0.7  # roughly uniform in [0.08, 1]
+
+
+def test_device_boxes_are_the_host_arithmetic_of_the_same_draws():
+    """`augment.sample_crop_box` (jax.random draws, under jit) == `crop.inception_box` run by
+    numpy on those draws; the host paths differ only in drawing with numpy in whole pixels."""
+    area, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+
+    def device_box_and_draws(key):
+        area_key, ratio_key, offset_key = jax.random.split(key, 3)  # the sampler's own draws
+        draws = (
+            jax.random.uniform(area_key, (10,), minval=area[0], maxval=area[1]),
+            jax.random.uniform(ratio_key, (10,), minval=log_ratio[0], maxval=log_ratio[1]),
+            jax.random.uniform(offset_key, (2,)),
+        )
+        return augment.sample_crop_box(key, 40, 60, area, ratio), draws
+
+    keys = jax.random.split(jax.random.key(1), 500)
+    boxes, draws = jax.device_get(jax.jit(jax.vmap(device_box_and_draws))(keys))
+    for box, fraction, log_ratios, offset in zip(boxes, *draws, strict=True):
+        host = crop.inception_box(fraction, log_ratios, offset, 40, 60, whole_pixels=False)
+        np.testing.assert_allclose(box, np.asarray(host, np.float32), rtol=1e-5, atol=1e-4)
+    fractional = crop.center_crop_box(37, 50, 0.875, whole_pixels=False)  # the device's
+    assert fractional == (2.3125, 8.8125, 32.375, 32.375)
+    assert crop.center_crop_box(37, 50, 0.875) == (3, 9, 32, 32)  # the host's, in whole pixels
 
 
 def test_random_flip_flips_whole_images():

@@ -1,5 +1,6 @@
 """Tests of the tf.data path: mocked imagenet2012, ImageFolder, sharding, exact eval, errors."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ from PIL import Image
 from test_data import IMAGENETTE, write_bad_folder
 
 from lambdanet import data
-from lambdanet.data import in_memory
+from lambdanet.data import crop, in_memory, input_pipeline
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -191,3 +192,28 @@ def test_bad_files_are_counted_once_per_epoch_and_eval_pass(tmp_path, caplog):
     assert "eval split 'train': 2 files failed to decode in this pass" in lines[0]
     assert "train split 'train': 2 files failed to decode in epoch 0" in lines[1]
     assert "in epoch 1" in lines[2]
+
+
+def test_tf_data_crops_are_the_shared_formulas_of_their_draws():
+    """The tf.data path's windows are `crop.py`'s whole-pixel boxes (the ArrayRecord path's
+    arithmetic), of its own stateless draws."""
+    tf = pytest.importorskip("tensorflow")
+    image = np.random.default_rng(0).integers(0, 256, (60, 90, 3), np.uint8)
+    png = tf.io.encode_png(image)
+    area, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+
+    def expected(box):
+        top, left, h, w = box
+        return input_pipeline._resize_uint8(image[top : top + h, left : left + w], 16)
+
+    for position in range(4):
+        seed = tf.constant([5, position], tf.int64)
+        uniform = tf.random.stateless_uniform([22], seed).numpy()  # train_crop's draws, replayed
+        fraction = area[0] + (area[1] - area[0]) * uniform[:10]
+        log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+        log_ratio = log_low + (log_high - log_low) * uniform[10:20]
+        box = crop.inception_box(fraction, log_ratio, uniform[20:], 60.0, 90.0, whole_pixels=True)
+        out = input_pipeline.train_crop(png, seed, 16, area, ratio)
+        np.testing.assert_array_equal(out, expected([int(v) for v in box]))
+    out = input_pipeline.eval_crop(png, 16, 0.875)
+    np.testing.assert_array_equal(out, expected(crop.center_crop_box_fn(0.875)(60, 90)))

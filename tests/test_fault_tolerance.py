@@ -16,12 +16,12 @@ import pytest
 
 from lambdanet import checkpoint, experiment, train_loop
 from lambdanet.data.in_memory import ArraySource
-from scripts import chaos_resume
+from lambdanet.tools import chaos
 
 
 @pytest.mark.parametrize("corrupt", [False, True], ids=["kill", "kill_and_corrupt"])
 def test_sigkilled_runs_resume_to_the_uninterrupted_result(tmp_path, corrupt):
-    summary = chaos_resume.run_chaos(
+    summary = chaos.run_chaos(
         trials=2, seed=1, num_train_steps=16, workdir=tmp_path, corrupt_checkpoints=corrupt
     )
     assert summary["trials"] == 2 and summary["runs"] >= 1
@@ -39,7 +39,7 @@ def test_kills_are_classified_by_what_the_process_was_doing():
     training = startup + "I1201 step 4/16 (25.0%), 2.0 steps/s\n"
     saving = training + "I1201 Saving checkpoint step 4.\n"
     saved = saving + "I1201 Checkpoint step 4 written, checksums recorded.\n"
-    assert [chaos_resume.phase_at_death(log) for log in (startup, training, saving, saved)] == [
+    assert [chaos.phase_at_death(log) for log in (startup, training, saving, saved)] == [
         "start-up",
         "training",
         "save",
@@ -54,7 +54,7 @@ def test_unfinished_save_is_skipped_with_a_warning_for_the_previous_one(
     train_loop.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
     directory = tmp_path / checkpoint.CHECKPOINT_DIR
     assert checkpoint.list_steps(str(directory)) == [4, 8]
-    finished = chaos_resume.final_state(tmp_path)
+    finished = chaos.final_state(tmp_path)
     unfinished = directory / "8.orbax-checkpoint-tmp-1234"  # as a save killed before its rename
     os.rename(directory / "8", unfinished)
 
@@ -64,7 +64,7 @@ def test_unfinished_save_is_skipped_with_a_warning_for_the_previous_one(
     assert f"Ignoring and deleting the unfinished checkpoint save {unfinished}." in messages
     assert any(m.startswith("Resuming from step 4 in ") for m in messages), messages
     assert final["step"] == 8 and not unfinished.exists()
-    chex.assert_trees_all_equal(chaos_resume.final_state(tmp_path), finished)
+    chex.assert_trees_all_equal(chaos.final_state(tmp_path), finished)
 
 
 def _sigterm_then(function):

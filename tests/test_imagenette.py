@@ -1,4 +1,4 @@
-"""configs/imagenette.py on a sample of the real photographs: train, eval-only, summarise."""
+"""The Imagenette configs on a sample of the real photographs: train, eval-only, summarise."""
 
 import os
 from pathlib import Path
@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import imagenette
-from lambdanet import train
-from scripts import make_arrays, summarize_runs
+from lambdanet import evaluate, train, train_loop
+from lambdanet.configs import imagenette
+from lambdanet.data import arrays_writer as make_arrays
+from lambdanet.tools import summarize as summarize_runs
 
 IMAGENETTE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette"
 TINY = dict(stage_sizes=(1, 1, 1, 1), base_width=8)
@@ -25,7 +26,7 @@ def test_every_imagenette_model_builds_with_the_shared_recipe(model):
 
 
 def test_unknown_imagenette_model_lists_the_choices():
-    with pytest.raises(ValueError, match=r"configs/imagenette.py:NAME .*'all_lambda'"):
+    with pytest.raises(ValueError, match=r"--config=imagenette:NAME .*'all_lambda'"):
         imagenette.get_config("resnet18")
 
 
@@ -42,10 +43,10 @@ def test_hybrid_trains_on_an_imagenette_sample_and_eval_only_agrees(tmp_path):
     config.update(dict(half_precision=False, log_every_steps=1, eval_every_epochs=1.0))
     workdir = str(tmp_path / "run")
 
-    final = train.train_and_evaluate(config, workdir)
+    final = train_loop.train_and_evaluate(config, workdir)
     assert final["step"] == 4  # 20 images, batch 8: 2 steps an epoch
     assert np.isfinite(final["train_loss"]) and 0 <= final["eval_top1"] <= 1
-    evaluated = train.evaluate(config, workdir)
+    evaluated = evaluate.evaluate(config, workdir)
     assert evaluated["eval_top1"] == pytest.approx(final["eval_top1"], abs=1e-6)
 
     run = summarize_runs.summarize("hybrid", workdir)

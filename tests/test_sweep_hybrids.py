@@ -1,4 +1,5 @@
-"""scripts/sweep_hybrids.py: entries as data, runs packed and resumed, the seed table and plot."""
+"""The sweep (lambdanet.tools.sweep, scripts/sweep_hybrids.py): entries as data, runs packed
+and resumed, the seed table and plot."""
 
 import csv
 import json
@@ -12,16 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from scripts import sweep_hybrids as sweep
+from lambdanet.tools import sweep, sweep_jobs, sweep_table
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "scripts" / "sweep_hybrids.py")
 # Two placements of the demo's LambdaResNet, shrunk to a few seconds of CPU per run.
 TINY_SWEEP = """
+from lambdanet.configs.demo import get_config
+
 def get_sweep():
     return [
-        ("CCCC", "configs/demo.py", {"model.placement": "C,C,C,C"}),
-        ("CCCL", "configs/demo.py", {"model.placement": "C,C,C,L"}),
+        ("CCCC", "demo", {"model.placement": "C,C,C,C"}),
+        ("CCCL", "demo", {"model.placement": "C,C,C,L"}),
     ]
 """
 TINY_RUN = [
@@ -77,7 +80,7 @@ def test_table_maths_against_hand_computed_numbers(tmp_path):
         _speed("A", "train", 1500.0),
         _speed("B", "infer", 3000.0),
     ]
-    rows = sweep.summarize(records, order=["B"])
+    rows = sweep_table.summarize(records, order=["B"])
     assert [row["entry"] for row in rows] == ["B", "A", "C", "D"]
     b, a, _, d = rows
     assert (a["n_seeds"], a["top1_mean"], a["top1_std"]) == (3, pytest.approx(79.0), 1.0)
@@ -86,11 +89,11 @@ def test_table_maths_against_hand_computed_numbers(tmp_path):
     assert (d["n_seeds"], d["top1_std"]) == (1, None)
     # SE of A - B: sqrt(1/3 + 0.5/2) = 0.7638 < 3.5 / 2; A - C: difference 0.
     se = math.sqrt(1 / 3 + 0.5 / 2)
-    pairs = sweep.significant_pairs(rows)
+    pairs = sweep_table.significant_pairs(rows)
     assert pairs == [("B", "A", pytest.approx(-3.5), pytest.approx(se)),
                      ("B", "C", pytest.approx(-3.5), pytest.approx(se))]  # fmt: skip
 
-    sweep.write_table(rows, str(tmp_path / "t"), note="NOTE")
+    sweep_table.write_table(rows, str(tmp_path / "t"), note="NOTE")
     with open(tmp_path / "t.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert csv_rows[1]["entry"] == "A" and float(csv_rows[1]["top1_mean"]) == pytest.approx(79.0)
@@ -108,11 +111,11 @@ def test_table_maths_against_hand_computed_numbers(tmp_path):
         "- B - C: -3.50 points (SE 0.76)",
     ]
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sweep.markdown_table(rows[:1]).splitlines()[-1] == "- none"
+    assert sweep_table.markdown_table(rows[:1]).splitlines()[-1] == "- none"
 
 
 def test_sweep_entries_are_data_in_both_forms():
-    entries = sweep.sweep_entries(str(REPO / "configs" / "imagenette.py"))
+    entries = sweep.sweep_entries("imagenette")
     assert [e.name for e in entries] == [
         "resnet50", "LCCC", "LLCC", "LLLC", "LLLL", "CLLL", "CCLL", "CCCL", "lambda_resnet26t"
     ]  # fmt: skip
@@ -125,9 +128,9 @@ def test_sweep_entries_are_data_in_both_forms():
             assert config.model.lambda_layer.embedding_init_std == 0.25  # imagenette's hybrid
     assert labels[0] == "C,C,C,C" and labels[1] == "L,C,C,C" and labels[-1] == "C,C,CL,L"
 
-    paper = sweep.sweep_entries(str(REPO / "configs" / "hybrid_resnet50.py"))
+    paper = sweep.sweep_entries("hybrid_resnet50")
     assert [e.name for e in paper][:2] == ["CCCC", "LCCC"] and len(paper) == 8
-    assert paper[0].config == "configs/hybrid_resnet50.py"  # relative to the repository root
+    assert paper[0].config == "hybrid_resnet50"  # the config as named
     assert sweep.select_entries(paper, ["LLLL", "CCCC"]) == [paper[0], paper[4]]
     with pytest.raises(ValueError, match=r"has no field 'heads'"):
         sweep.resolve_config(paper[0], ["--config.model.heads=2"])
@@ -156,19 +159,23 @@ def _sleeper(tmp_path, name, seconds, estimate=None):
 
     command = [sys.executable, "-c", f"import time; time.sleep({seconds})"]
     log = str(tmp_path / f"{name}.txt")
-    return sweep.Job(("run", name, 0), command, log, {}, lambda: estimate, finish)
+    return sweep_jobs.Job(("run", name, 0), command, log, {}, lambda: estimate, finish)
 
 
 def test_jobs_share_slots_and_stop_at_the_deadline(tmp_path):
     jobs = [_sleeper(tmp_path, name, 0.5) for name in "abc"]
     done, start = [], time.monotonic()
-    left, failed = sweep.run_jobs(jobs, ["0", "0"], sweep.Stopper(0), done.append, grace_s=5)
+    left, failed = sweep_jobs.run_jobs(
+        jobs, ["0", "0"], sweep_jobs.Stopper(0), done.append, grace_s=5
+    )
     assert (left, failed) == ([], []) and [r["entry"] for r in done] == ["a", "b", "c"]
     assert 1.0 <= time.monotonic() - start < 5  # two at a time, then the third
 
     jobs = [_sleeper(tmp_path, "long", 60), _sleeper(tmp_path, "too_long", 1, estimate=100)]
     start = time.monotonic()
-    left, failed = sweep.run_jobs(jobs, ["0", "1"], sweep.Stopper(2), done.append, grace_s=5)
+    left, failed = sweep_jobs.run_jobs(
+        jobs, ["0", "1"], sweep_jobs.Stopper(2), done.append, grace_s=5
+    )
     assert left == [("run", "too_long", 0), ("run", "long", 0)] and failed == []
     assert time.monotonic() - start < 10 and len(done) == 3  # SIGTERM ended the sleeper
 
@@ -210,7 +217,7 @@ def test_run_estimates_come_from_finished_runs_that_did_not_resume():
 
 
 def test_finished_workdirs_count_as_results(tmp_path):
-    entry = sweep.Entry("CCLL", "configs/hybrid_resnet50.py", {"model.placement": "C,C,L,L"})
+    entry = sweep.Entry("CCLL", "hybrid_resnet50", {"model.placement": "C,C,L,L"})
     final = dict(eval_top1=0.75, num_params=15_560_000, train_time_sec=100.0)
     for seed in (0, 1):
         (tmp_path / "CCLL" / f"seed{seed}").mkdir(parents=True)
@@ -274,3 +281,33 @@ def test_killed_sweep_resumes_and_a_finished_one_runs_nothing(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "again" / "table.md").read_text() == table
     assert sorted(os.listdir(tmp_path / "again")) == sweep_outputs("table")
+
+
+def test_runs_and_measurements_name_their_config_and_take_every_override(tmp_path):
+    entry = sweep.sweep_entries("imagenette")[-2]  # CCCL: imagenette:hybrid, model.placement
+    given = ["--config.dataset.path=x.npz"]
+    run = sweep.train_job(entry, "C,C,C,L", 1, str(tmp_path), given, 1, lambda: None)
+    assert run.command[1:] == [
+        "-m",
+        "lambdanet.main",
+        "--config=imagenette:hybrid",
+        f"--workdir={tmp_path / 'CCCL' / 'seed1'}",
+        "--config.seed=1",
+        "--config.data_seed=1",
+        "--config.model.placement=C,C,C,L",
+        "--config.dataset.path=x.npz",
+    ]
+    options = sweep.SweepOptions(
+        workdir=str(tmp_path), results=[], table=None, seeds=1, parallel=1, gpus=["0"],
+        only=None, deadline_s=0, run_estimate_s=0, stop_grace_s=1, throughput_batch_size=8,
+        throughput_steps=2,
+    )  # fmt: skip
+    measure = sweep.throughput_command(entry, ["infer", "train"], given, options)
+    assert measure[1] == str(REPO / "scripts" / "benchmark.py")
+    assert measure[measure.index("--config=imagenette:hybrid") + 1 :][:2] == [
+        "--config.model.placement=C,C,C,L",
+        "--config.dataset.path=x.npz",
+    ]
+    assert {"--modes=infer,train", "--batch-size=8", "--warmup=2", "--steps=2"} <= set(measure)
+    with pytest.raises(ValueError, match=r"entry CCCL \(imagenette:hybrid\): flag --config.seed"):
+        sweep.resolve_config(entry, ["--config.seed=one"])

@@ -18,8 +18,9 @@ from lambdanet.data import default_dataset_config
 
 
 def get_config(model: str = "resnet50") -> ml_collections.ConfigDict:
-    """The 90-epoch recipe with the registered model `model` (default resnet50) on TFDS
-    imagenet2012, e.g. `--config=default:se_resnet50` (`lambdanet.models.list_models()`)."""
+    """The 90-epoch recipe with the registered model `model` (default resnet50) on ImageNet
+    ArrayRecord shards (`config.dataset.path`), e.g. `--config=default:se_resnet50`
+    (`lambdanet.models.list_models()` names them)."""
     config = ml_collections.ConfigDict()
     config.model_name = model  # the registry entry config.model starts from (a label of the run)
     config.model = model_config(model)

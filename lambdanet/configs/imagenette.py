@@ -23,9 +23,12 @@ carries; its eval crop is the central 112 px, resized to 128):
 
 `--config.dataset.name=image_folder` streams the folder with TFDS ImageFolder instead.
 
-`get_sweep()` is the hybrid table on Imagenette, for scripts/sweep_hybrids.py (whose docstring
-gives the command): ResNet-50, the paper's seven hybrid placements (the `hybrid` model, its small
-embeddings kept, with `model.placement` set) and LambdaResNet-26t.
+`get_sweep()` is the hybrid table on Imagenette (results/hybrids_imagenette.md): ResNet-50, the
+paper's seven hybrid placements (the `hybrid` model, its small embeddings kept, with
+`model.placement` set) and LambdaResNet-26t, 3 seeds each, with their throughput:
+
+    python scripts/sweep_hybrids.py --config=imagenette --workdir=workdir/hybrids --seeds=3 \
+        --parallel=3 --config.dataset.path=artifacts/imagenette_128.npz
 """
 
 import ml_collections

@@ -1,7 +1,7 @@
 """LambdaResNets, 350-epoch recipe (Appendix E.2): Figure 4 / the detailed LambdaResNet results.
 
     lambdanet-train --config=lambda_resnet:depth=152,size=256 \
-        --workdir=workdir/lambda_resnet152_256 --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS
+        --workdir=workdir/lambda_resnet152_256 --config.dataset.path=IMAGENET_SHARDS
 
 The argument `depth=D,size=S` picks a row of Table 13; both keys are optional: depth 50 by
 default, and the depth's first size (`lambda_resnet:depth=350` trains at 256). Lambda

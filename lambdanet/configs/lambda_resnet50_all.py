@@ -4,7 +4,7 @@ lambdas of scope 23x23; Table 3). The |u|=4 row (16.0M, 78.9%) is
 `--config=default:lambda_resnet50_u4`.
 
     lambdanet-train --config=lambda_resnet50_all \
-        --workdir=workdir/lambda_resnet50_all --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS
+        --workdir=workdir/lambda_resnet50_all --config.dataset.path=IMAGENET_SHARDS
 
 Batch 4096 as in the paper; lower it with `--config.global_batch_size` on fewer accelerators.
 """

@@ -23,21 +23,30 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from lambdanet.data import batching, in_memory
+from lambdanet.data import array_record, batching, in_memory, synthetic
 
 if TYPE_CHECKING:  # augment imports JAX, which the ArrayRecord path's workers do without
     from lambdanet.data import augment
 
 IN_MEMORY_NAMES = ("digits", "in_memory")
 ARRAY_RECORD_NAME = "array_record"
+# What config.dataset.path names, for the sources that read one.
+_PATH_NEEDED = {
+    "in_memory": "FILE.npz (written by scripts/make_arrays.py) or an image folder "
+    "ROOT/<split>/<class>/<image>.jpg",
+    ARRAY_RECORD_NAME: f"DIR, a shard set written by `{array_record.CONVERT_COMMAND}`",
+    "image_folder": "ROOT, a folder tree ROOT/<split>/<class>/<image>.jpg",
+}
 
 
 def default_dataset_config() -> ml_collections.ConfigDict:
     """The `config.dataset` fields and defaults (ImageNet, the 90-epoch setup's augmentation).
 
-    name: 'digits' (embedded demo), 'in_memory' (path = .npz array file or image folder),
-      'array_record' (path = folder of shards written by scripts/convert_to_array_record.py),
-      'image_folder' (path = folder tree read with TFDS ImageFolder) or a TFDS name.
+    name: 'array_record' (default: path = folder of shards written by
+      scripts/convert_to_array_record.py; TensorFlow-free), 'digits' (embedded demo),
+      'in_memory' (path = .npz array file or image folder),
+      'image_folder' (path = folder tree read with TFDS ImageFolder), a TFDS name, or
+      'synthetic' (one fixed batch of random images: benchmarks, `synthetic.py`).
     decoder: ArrayRecord path: 'simplejpeg' (libjpeg-turbo with reduced-size decoding when the
       crop shrinks 2x or more), 'opencv' or 'pillow' (the same with their reduced-size modes).
     fast_dct: ArrayRecord path: libjpeg-turbo's fast integer IDCT and fast chroma upsampling.
@@ -53,7 +62,7 @@ def default_dataset_config() -> ml_collections.ConfigDict:
     """
     return ml_collections.ConfigDict(
         dict(
-            name="imagenet2012",
+            name=ARRAY_RECORD_NAME,
             data_dir=config_dict.placeholder(str),
             manual_dir=config_dict.placeholder(str),
             path=config_dict.placeholder(str),
@@ -113,17 +122,21 @@ class Dataset(Protocol):
         ...
 
 
+def _check_path(config) -> None:
+    """A ValueError saying what --config.dataset.path must name, where the source reads one
+    (`_PATH_NEEDED`) and it is unset; whether it exists, each source checks as it reads it."""
+    if config.name in _PATH_NEEDED and not config.path:
+        raise ValueError(
+            f"name={config.name!r} needs --config.dataset.path={_PATH_NEEDED[config.name]}."
+        )
+
+
 def _in_memory_splits(config) -> tuple[in_memory.ImageArrays, in_memory.ImageArrays, list[str]]:
     if config.name == "digits":
         from lambdanet.data import digits
 
         arrays, class_names = digits.load_digits()
     else:
-        if not config.path:
-            raise ValueError(
-                "name='in_memory' needs --config.dataset.path=FILE.npz (written by "
-                "scripts/make_arrays.py) or an image folder ROOT/<split>/<class>/."
-            )
         load_size = config.load_size or round(config.image_size / config.eval_crop_fraction)
         arrays, class_names = in_memory.load_arrays(
             config.path, [config.train_split, config.eval_split], load_size
@@ -154,6 +167,7 @@ def create_dataset(
     process_count); seed fixes shuffling and host-side crops (the device's randomness comes from
     the rng passed to `device_preprocess`).
     """
+    _check_path(config)
     batch = batching.Batching(
         global_batch_size=global_batch_size,
         eval_batch_size=eval_batch_size,
@@ -168,9 +182,9 @@ def create_dataset(
         augmentation = augment.from_config(config, len(class_names), crop_on_device=True)
         dataset = in_memory.ArraySource(train, evaluation, class_names, batch, augmentation)
     elif config.name == ARRAY_RECORD_NAME:
-        from lambdanet.data import array_record
-
         dataset = array_record.ArrayRecordSource(config, batch)
+    elif config.name == synthetic.NAME:
+        dataset = synthetic.SyntheticSource(config, batch)
     else:
         from lambdanet.data import input_pipeline
 

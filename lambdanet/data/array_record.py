@@ -18,12 +18,16 @@ A shard set is a folder (`scripts/convert_to_array_record.py` writes it):
 * eval: contiguous per-process shards, resize + central crop (`eval_crop_fraction`), batches
   padded and masked by `batching.padded_eval_batches`.
 A record that does not decode (the converter keeps none, but shards may come from elsewhere) is
-replaced by the next record that does, with a warning: deterministic, so resume stays exact.
+replaced by the next record that does, with a warning: deterministic, so resume stays exact. A
+shard that does not read (a damaged file: its chunk checksums fail) stops the input with a
+`ShardReadError` naming it and the command that rewrites it: serving other records in its place
+would make a batch depend on which reads failed, not only on (seed, step).
 """
 
 import atexit
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import struct
@@ -33,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from lambdanet.data import batching, decode
+from lambdanet.data import batching, crop, decode
 
 FORMAT = "lambdanet-array-record-v1"
 # Batches a Grain worker makes ahead of the consumer with the options of `_iterate` (counted
@@ -48,6 +52,10 @@ CONVERT_COMMAND = (
 _HEADER = struct.Struct("<iH")  # label int32, name length uint16
 _ENDLESS = 2**62
 _MAX_REPLACEMENTS = 64
+
+
+class ShardReadError(ValueError):
+    """A shard of a shard set does not read; the message names it and how to rewrite it."""
 
 
 def encode_record(label: int, name: str, image: bytes) -> bytes:
@@ -133,11 +141,48 @@ class _Examples:
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_source"}
 
+    def _read(self, indices: list[int]) -> list[bytes]:
+        """The records at `indices`; ShardReadError naming the shard that does not read."""
+        try:
+            return self._source.__getitems__(indices)
+        except RuntimeError as error:  # array_record's error for a damaged file
+            raise self._unreadable(indices, error) from None
+
+    def _unreadable(self, indices: list[int], error: RuntimeError) -> ShardReadError:
+        """The ShardReadError for `error`, naming the shard of the first of `indices` that does
+        not read, and the command that rewrites it (the converter keeps the good shards)."""
+        from array_record.python import array_record_module
+
+        def num_records(file: str) -> int:
+            reader = array_record_module.ArrayRecordReader(file)
+            count = reader.num_records()
+            reader.close()
+            return count
+
+        ends = list(itertools.accumulate(num_records(file) for file in self.files))
+        index = next((i for i in indices if not self._readable(i)), indices[0])
+        file = next(f for f, end in zip(self.files, ends, strict=True) if index < end)
+        folder = os.path.dirname(file)
+        return ShardReadError(
+            f"Shard {file} does not read ({str(error).splitlines()[0]}): the file is damaged. "
+            f"Delete it and run the conversion that wrote {folder} again (`python "
+            f"scripts/convert_to_array_record.py --folder=ROOT --output={folder}`, or "
+            "--imagenet_dir/--tfds as it was written): it keeps the good shards and rewrites "
+            "only the missing one."
+        )
+
+    def _readable(self, index: int) -> bool:
+        try:
+            self._source[index]
+        except RuntimeError:
+            return False
+        return True
+
     def decode_into(self, out: np.ndarray, indices: np.ndarray, box_fns) -> np.ndarray:
         """Decodes records `indices`, cropped by `box_fns`, into out [n, S, S, 3]; the labels."""
         labels = np.empty(len(indices), np.int32)
         for k, (record, box_fn) in enumerate(
-            zip(self._source.__getitems__(indices.tolist()), box_fns, strict=True)
+            zip(self._read(indices.tolist()), box_fns, strict=True)
         ):
             labels[k] = self._decode_one(out, k, record, int(indices[k]), box_fn)
         return labels
@@ -157,7 +202,7 @@ class _Examples:
                     error,
                     replacement,
                 )
-                record = self._source[replacement]
+                (record,) = self._read([replacement])
         raise decode.DecodeError(f"{_MAX_REPLACEMENTS} consecutive records do not decode.")
 
 
@@ -165,11 +210,6 @@ class ArrayRecordSource:
     """A shard set (module docstring) as a `lambdanet.data.Dataset`."""
 
     def __init__(self, config, batch: batching.Batching):
-        if not config.path:
-            raise ValueError(
-                "name='array_record' needs --config.dataset.path=DIR, a shard set written by "
-                f"`{CONVERT_COMMAND}`."
-            )
         if config.workers is not None and (
             not isinstance(config.workers, int) or config.workers < 0
         ):
@@ -258,9 +298,9 @@ class _Images:
     """new(n) -> an empty uint8 batch [n, size, size, 3] for the decoders to write into.
 
     In Grain's worker processes the batch is allocated in shared memory, which Grain hands to
-    the training process as it is: a batch made in ordinary memory is copied there, which
-    (with the page faults of a fresh allocation) cost 50-90 ms of a worker's 250 ms batch of
-    256 images at 224 px decoded from shards stored at 256 px.
+    the training process as it is: a batch made in ordinary memory would be copied there, a
+    copy (with the page faults of a fresh allocation) that costs a sizeable part of a worker's
+    decoding time (results/input_pipeline.md).
     """
 
     size: int
@@ -289,11 +329,8 @@ class _TrainBatches:
         positions = self.batching.train_positions(step)
         indices = batching.stream_indices(positions, self.batching.seed, self.examples.num_examples)
         box_fns = [
-            functools.partial(
-                _random_box,
-                np.random.default_rng([self.batching.seed, 1, int(position)]),
-                self.area_range,
-                self.aspect_ratio_range,
+            crop.inception_box_fn(
+                (self.batching.seed, 1, int(position)), self.area_range, self.aspect_ratio_range
             )
             for position in positions
         ]
@@ -315,7 +352,7 @@ class _EvalBatches:
         start, stop = self.batching.eval_shard(self.examples.num_examples)
         size = self.batching.local_eval_batch_size
         indices = np.arange(start + index * size, min(start + (index + 1) * size, stop))
-        box_fn = functools.partial(decode.center_crop_box, crop_fraction=self.crop_fraction)
+        box_fn = crop.center_crop_box_fn(self.crop_fraction)
         images = self.images.new(len(indices))
         labels = self.examples.decode_into(images, indices, [box_fn] * len(indices))
         return {"image": images, "label": labels}
@@ -323,7 +360,3 @@ class _EvalBatches:
 
 def _limit(num_examples: int, max_examples: int | None) -> int:
     return num_examples if max_examples is None else min(num_examples, max_examples)
-
-
-def _random_box(rng, area_range, aspect_ratio_range, height, width):
-    return decode.sample_crop_box(rng, height, width, area_range, aspect_ratio_range)

@@ -4,7 +4,8 @@ Images are `[b, H, W, 3]` batches with values in [0, 255] (uint8 or float). Ever
 takes one `jax.Array` key for the whole batch and is deterministic for a fixed key.
 
 * Inception-style random resized crop (Szegedy et al. 2015; the paper's "standard augmentation",
-  Appendix E.2) and the eval resize + center crop (crop fraction 0.875, i.e. 224 of 256).
+  Appendix E.2) and the eval resize + center crop (crop fraction 0.875, i.e. 224 of 256); their
+  windows are `crop.py`'s, which every input path shares.
 * RandAugment (Cubuk et al. 2020) with the 16 operations and magnitude rules of the reference
   TF implementation that ResNet-RS (and hence the paper's 350-epoch recipe) uses
   (`tensorflow/tpu` `autoaugment.distort_image_with_randaugment`): each layer picks one operation
@@ -19,6 +20,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lambdanet.data import crop
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
@@ -52,12 +55,6 @@ def crop_and_resize(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
     )
 
 
-def center_crop_box(height: int, width: int, crop_fraction: float) -> jax.Array:
-    """The centered square window of side `crop_fraction * min(height, width)`."""
-    side = crop_fraction * min(height, width)
-    return jnp.array([(height - side) / 2, (width - side) / 2, side, side], jnp.float32)
-
-
 def sample_crop_box(
     rng: jax.Array,
     height: int,
@@ -66,34 +63,24 @@ def sample_crop_box(
     aspect_ratio_range: tuple[float, float],
     max_attempts: int = 10,
 ) -> jax.Array:
-    """Samples an Inception crop window (top, left, height, width) of an image of `height x width`.
+    """An Inception crop window float32 [4] = (top, left, height, width), drawn from `rng`.
 
-    Area uniform in `area_range` (fraction of the image), aspect ratio log-uniform in
-    `aspect_ratio_range`; the first of `max_attempts` candidates that fits is used, the whole image
-    when none fits (as `tf.image.sample_distorted_bounding_box` does).
+    The device twin of `crop.sample_crop_box`: the same arithmetic (`crop.inception_box`) on
+    `jax.random` draws, in fractional pixels (`crop.py`'s docstring says why).
     """
     area_key, ratio_key, offset_key = jax.random.split(rng, 3)
     fraction = jax.random.uniform(
         area_key, (max_attempts,), minval=area_range[0], maxval=area_range[1]
     )
-    area = height * width * fraction
     log_ratio = jax.random.uniform(
         ratio_key,
         (max_attempts,),
         minval=math.log(aspect_ratio_range[0]),
         maxval=math.log(aspect_ratio_range[1]),
     )
-    crop_h = jnp.sqrt(area / jnp.exp(log_ratio))
-    crop_w = jnp.sqrt(area * jnp.exp(log_ratio))
-    fits = (crop_h <= height) & (crop_w <= width)
-    first = jnp.argmax(fits)
-    size = jnp.where(
-        fits.any(),
-        jnp.stack([crop_h[first], crop_w[first]]),
-        jnp.array([height, width], jnp.float32),
-    )
-    offset = jax.random.uniform(offset_key, (2,)) * (jnp.array([height, width]) - size)
-    return jnp.concatenate([offset, size])
+    offset = jax.random.uniform(offset_key, (2,))
+    box = crop.inception_box(fraction, log_ratio, offset, height, width, whole_pixels=False, xp=jnp)
+    return jnp.stack(box).astype(jnp.float32)
 
 
 def random_resized_crop(
@@ -114,7 +101,8 @@ def random_resized_crop(
 
 def center_crop(images: jax.Array, size: int, crop_fraction: float) -> jax.Array:
     """[b, H, W, 3] -> float32 [b, size, size, 3]: the central `crop_fraction` square, resized."""
-    box = center_crop_box(images.shape[1], images.shape[2], crop_fraction)
+    box = crop.center_crop_box(images.shape[1], images.shape[2], crop_fraction, whole_pixels=False)
+    box = jnp.array(box, jnp.float32)
     return jax.vmap(crop_and_resize, in_axes=(0, None, None))(images, box, size)
 
 

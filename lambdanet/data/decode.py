@@ -1,9 +1,10 @@
 """Host-side image decoding for the ArrayRecord path: decode + crop + resize to uint8 [S, S, 3].
 
-The crop is chosen from the image's header before decoding, so a JPEG whose crop window shrinks
-by 2x or more is decoded at a reduced size (libjpeg-turbo's DCT scaling: 1/2, 1/4 or 1/8, always
-keeping the window at least S x S); most of the IDCT, colour-conversion and resize work is then
-skipped. Factors between 1 and 2 (7/8, 3/4, ...) are not used: they decode slower than full size.
+The crop window (a `crop.BoxFn` of the image's size) is chosen from its header before decoding,
+so a JPEG whose crop window shrinks by 2x or more is decoded at a reduced size (libjpeg-turbo's
+DCT scaling: 1/2, 1/4 or 1/8, always keeping the window at least S x S); most of the IDCT,
+colour-conversion and resize work is then skipped. Factors between 1 and 2 (7/8, 3/4, ...) are
+not used: they decode slower than full size.
 
 Decoders (`config.dataset.decoder`), all libjpeg-turbo underneath:
 * 'simplejpeg': `simplejpeg.decode_jpeg` with min_height/min_width (the fastest measured:
@@ -20,14 +21,13 @@ reads raises `DecodeError`.
 
 import io
 import math
-from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
+from lambdanet.data.crop import Box, BoxFn
+
 DECODERS = ("simplejpeg", "opencv", "pillow")
-Box = tuple[int, int, int, int]  # (top, left, height, width) in pixels of the full image
-BoxFn = Callable[[int, int], Box]  # (height, width) -> Box
 _REDUCTIONS = (8, 4, 2)  # libjpeg-turbo's DCT scaling factors of 2x and more
 
 
@@ -63,43 +63,6 @@ def pillow_decode(data: bytes) -> np.ndarray:
         raise DecodeError(f"not a readable image ({error})") from None
 
 
-def sample_crop_box(
-    rng: np.random.Generator,
-    height: int,
-    width: int,
-    area_range: tuple[float, float],
-    aspect_ratio_range: tuple[float, float],
-    max_attempts: int = 10,
-) -> Box:
-    """An Inception crop window, as `augment.sample_crop_box` samples it, in whole pixels.
-
-    Area uniform in `area_range` (fraction of the image), aspect ratio (width / height)
-    log-uniform in `aspect_ratio_range`; the first of `max_attempts` candidates that fits, the
-    whole image when none fits (as `tf.image.sample_distorted_bounding_box` does).
-    """
-    fraction = rng.uniform(area_range[0], area_range[1], max_attempts)
-    ratio = np.exp(
-        rng.uniform(math.log(aspect_ratio_range[0]), math.log(aspect_ratio_range[1]), max_attempts)
-    )
-    crop_h = np.round(np.sqrt(height * width * fraction / ratio)).astype(int)
-    crop_w = np.round(np.sqrt(height * width * fraction * ratio)).astype(int)
-    fits = (crop_h >= 1) & (crop_w >= 1) & (crop_h <= height) & (crop_w <= width)
-    offset = rng.uniform(size=2)
-    if not fits.any():
-        return 0, 0, height, width
-    first = int(np.argmax(fits))
-    h, w = int(crop_h[first]), int(crop_w[first])
-    top = min(int(offset[0] * (height - h + 1)), height - h)
-    left = min(int(offset[1] * (width - w + 1)), width - w)
-    return top, left, h, w
-
-
-def center_crop_box(height: int, width: int, crop_fraction: float) -> Box:
-    """The central square of side crop_fraction * shorter side (the tf.data path's eval crop)."""
-    side = max(1, int(crop_fraction * min(height, width)))
-    return (height - side + 1) // 2, (width - side + 1) // 2, side, side
-
-
 def _reduction(box: Box, size: int) -> int:
     """The largest DCT reduction (8, 4, 2 or 1) that keeps the crop window >= size x size."""
     shortest = min(box[2], box[3])
@@ -117,8 +80,8 @@ def _crop_resize(image: np.ndarray, box: Box, scale_y: float, scale_x: float, si
     if window.shape[:2] == (size, size):
         return window
     # After DCT scaling the window shrinks by less than 2x, where bilinear is close to an
-    # antialiased filter at a tenth of the area filter's cost; beyond 2x (a crop too large for
-    # 1/8 scaling, or a non-JPEG) the area filter keeps it from aliasing.
+    # antialiased filter at a fraction of the area filter's cost; beyond 2x (a crop too large
+    # for 1/8 scaling, or a non-JPEG) the area filter keeps it from aliasing.
     heavy = min(window.shape[0], window.shape[1]) >= 2 * size
     return cv2.resize(
         window, (size, size), interpolation=cv2.INTER_AREA if heavy else cv2.INTER_LINEAR
@@ -127,7 +90,7 @@ def _crop_resize(image: np.ndarray, box: Box, scale_y: float, scale_x: float, si
 
 def _one_thread() -> None:
     """One decoding process per core, no thread pools inside: OpenCV's resize runs one thread per
-    core by default, in each (spawned) worker process: 15 workers on 16 cores ran 240 threads."""
+    core by default in each (spawned) worker process, so n workers would run n x cores threads."""
     import cv2
 
     cv2.setNumThreads(1)

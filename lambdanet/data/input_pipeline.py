@@ -1,40 +1,54 @@
 """tf.data pipelines for TFDS datasets (ImageNet from a manual_dir, any TFDS image classification
 dataset by name) and local image folders (TFDS `ImageFolder`).
 
-The only module of lambdanet that imports TensorFlow and TFDS, lazily (`_import_tf`), with TF kept
-off the GPUs. Host batches are uint8 [B, S, S, 3] crops at the model's image size; flipping,
-RandAugment, mixup and normalisation run on the device (`augment.Augmentation` with
-crop_on_device=False).
+The only module of lambdanet that imports TensorFlow and TFDS (the `tfds` extra), lazily
+(`_import_tf`: an ImportError naming the extra where they are missing), with TF kept off the
+GPUs. Host batches are uint8 [B, S, S, 3] crops at the model's image size; flipping, RandAugment,
+mixup and normalisation run on the device (`augment.Augmentation` with crop_on_device=False).
 
 Determinism and resume: each process reads an even, contiguous slice of the split
 (`tfds.even_splits`; `ImageFolder`, which has no sub-splits, is sharded with `Dataset.shard`). Its
 training stream is the concatenation of epochs of that slice, epoch e shuffled (buffer
 `shuffle_buffer`) with a seed from (seed, process, e); example j of the stream is cropped with the
-stateless seed (seed, process, j). `train_iter(k)` starts at element k B of that stream: it skips
-the first k B mod n records of the epoch it starts in (reading them, not decoding them). Files that
-fail to decode are skipped (`ignore_errors`) and counted in one warning per epoch (train) or per
-pass (eval); after such a skip a resumed run starts at a slightly different batch boundary, so
-resume is exact only while no file fails to decode. `scripts/convert_to_array_record.py` writes a
-clean, checked shard set instead.
+stateless seed (seed, process, j), by `crop.py`'s formulas, which every input path shares.
+`train_iter(k)` starts at element k B of that stream: it skips the first k B mod n records of the
+epoch it starts in (reading them, not decoding them). Files that fail to decode are skipped
+(`ignore_errors`) and counted in one warning per epoch (train) or per pass (eval); after such a
+skip a resumed run starts at a slightly different batch boundary, so resume is exact only while
+no file fails to decode. `scripts/convert_to_array_record.py` writes a clean, checked shard set
+instead.
 """
 
 import functools
+import math
 import re
+import types
 
 import numpy as np
 from absl import logging
 
-from lambdanet.data import augment, batching
+from lambdanet.data import augment, batching, crop
 
 _MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
 _ENDLESS = 2**62
+INSTALL_TFDS = (
+    "The tf.data input path (TFDS datasets, name='image_folder') needs TensorFlow and TensorFlow "
+    "Datasets, which are not installed: pip install 'lambdanet[tfds]' (in a checkout: "
+    "pip install -e '.[tfds]'), or use a TF-free path: name='array_record' or 'in_memory'."
+)
 
 
 @functools.cache
 def _import_tf():
-    """Imports TensorFlow and TFDS and hides the GPUs from TensorFlow (JAX owns them)."""
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
+    """Imports TensorFlow and TFDS and hides the GPUs from TensorFlow (JAX owns them).
+
+    An ImportError naming the `tfds` extra where either is not installed.
+    """
+    try:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise ImportError(f"{INSTALL_TFDS} ({error})", name=error.name) from error
 
     try:
         tf.config.set_visible_devices([], "GPU")
@@ -85,7 +99,7 @@ def get_builder(config):
     """The TFDS builder named by the dataset config, prepared; clear errors for bad names/paths."""
     tf, tfds = _import_tf()
     if config.name == "image_folder":
-        if not config.path or not tf.io.gfile.isdir(config.path):
+        if not tf.io.gfile.isdir(config.path):
             raise ValueError(
                 f"image_folder path={config.path!r} is not a folder. Expected a tree "
                 "PATH/<split>/<class>/<image>.jpg (e.g. PATH/train/<class>/, PATH/val/<class>/); "
@@ -158,6 +172,30 @@ def count(ds) -> int:
     return cardinality if cardinality >= 0 else int(ds.reduce(0, lambda n, _: n + 1))
 
 
+@functools.cache
+def _tf_numpy():
+    """The array functions `crop.py`'s formulas use (its `xp`), as TF ops on float tensors."""
+    tf, _ = _import_tf()
+    return types.SimpleNamespace(
+        exp=tf.exp,
+        sqrt=tf.sqrt,
+        round=tf.round,  # half to even, as numpy's
+        floor=tf.floor,
+        minimum=tf.minimum,
+        maximum=tf.maximum,
+        where=tf.where,
+        any=tf.reduce_any,
+        argmax=lambda x: tf.argmax(tf.cast(x, tf.int32)),
+    )
+
+
+def _window(box_fn, shape):
+    """int32 [4] window = box_fn(height, width) of an image of `shape` [3], computed in float32."""
+    tf, _ = _import_tf()
+    height, width = tf.unstack(tf.cast(shape[:2], tf.float32))
+    return tf.cast(tf.stack(box_fn(height, width)), tf.int32)
+
+
 def _decode_window(image_bytes, window_fn):
     """Decodes the window [top, left, height, width] = window_fn(image shape) of a JPEG (only the
     window's blocks) or of any other format TF reads (PNG, GIF, BMP, WebP) -> uint8 [h, w, 3]."""
@@ -181,36 +219,34 @@ def _resize_uint8(image, size: int):
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
-def train_crop(image_bytes, seed, size: int, area_range, aspect_ratio_range):
-    """Inception crop (stateless, from `seed` [2]) decoded and resized -> uint8 [size, size, 3]."""
+def train_crop(image_bytes, seed, size: int, area_range, aspect_ratio_range, max_attempts=10):
+    """The Inception crop (`crop.inception_box` in whole pixels, as the ArrayRecord path's) drawn
+    statelessly from `seed` int64 [2], decoded and resized -> uint8 [size, size, 3]."""
     tf, _ = _import_tf()
+    # One draw for all (cheaper in a tf.data map than one per quantity), scaled to the ranges.
+    uniform = tf.random.stateless_uniform([2 * max_attempts + 2], seed)
+    log_low, log_high = math.log(aspect_ratio_range[0]), math.log(aspect_ratio_range[1])
+    fraction = area_range[0] + (area_range[1] - area_range[0]) * uniform[:max_attempts]
+    log_ratio = log_low + (log_high - log_low) * uniform[max_attempts:-2]
+    offset = uniform[-2:]
 
-    def window_fn(shape):
-        begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
-            shape,
-            bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
-            seed=seed,
-            min_object_covered=area_range[0],
-            aspect_ratio_range=aspect_ratio_range,
-            area_range=area_range,
-            max_attempts=10,
-            use_image_if_no_bounding_boxes=True,
+    def box_fn(height, width):
+        return crop.inception_box(
+            fraction, log_ratio, offset, height, width, whole_pixels=True, xp=_tf_numpy()
         )
-        return tf.stack([begin[0], begin[1], extent[0], extent[1]])
 
+    window_fn = functools.partial(_window, box_fn)
     return _resize_uint8(_decode_window(image_bytes, window_fn), size)
 
 
 def eval_crop(image_bytes, size: int, crop_fraction: float):
-    """Central square of side crop_fraction * shorter side, resized -> uint8 [size, size, 3]."""
-    tf, _ = _import_tf()
+    """Central square of side crop_fraction * shorter side (`crop.center_crop_box` in whole
+    pixels, as the ArrayRecord path's), resized -> uint8 [size, size, 3]."""
 
-    def window_fn(shape):
-        side = tf.cast(
-            crop_fraction * tf.cast(tf.minimum(shape[0], shape[1]), tf.float32), tf.int32
-        )
-        return tf.stack([(shape[0] - side + 1) // 2, (shape[1] - side + 1) // 2, side, side])
+    def box_fn(height, width):
+        return crop.center_crop_box(height, width, crop_fraction, xp=_tf_numpy())
 
+    window_fn = functools.partial(_window, box_fn)
     return _resize_uint8(_decode_window(image_bytes, window_fn), size)
 
 
