@@ -18,9 +18,9 @@ def test_readme_opens_with_the_two_setup_commands():
     assert len(commands) == 2
     train, test = commands
     assert "pip install -e ." in train  # the package with its declared dependencies
-    assert "python -m lambdanet.main --config=configs/demo.py" in train
+    assert "python -m lambdanet.main --config=demo" in train  # a config shipped in the package
     assert "pip install -e '.[test]'" in test and "pytest" in test
-    assert (ROOT / "configs" / "demo.py").exists()
+    assert (ROOT / "lambdanet" / "configs" / "demo.py").exists()
 
 
 def test_ci_runs_exactly_the_readme_test_command():
