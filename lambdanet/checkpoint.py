@@ -220,7 +220,8 @@ def check_compatible(
 
 
 def _stored_tree(manager: ocp.CheckpointManager, step: int) -> Any:
-    stored = manager.item_metadata(step)["state"]
+    with _reading(manager, step):
+        stored = manager.item_metadata(step)["state"]
     return getattr(stored, "tree", stored)
 
 
@@ -234,7 +235,28 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> A
         return restore_weights(manager, step, abstract_state)
     check_compatible(manager, step, abstract_state)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-    return manager.restore(step, args=args)["state"]
+    return _restored_state(manager, step, args)
+
+
+def _restored_state(manager: ocp.CheckpointManager, step: int, args: Any) -> Any:
+    """The state item of `manager.restore(step, args)` (`_reading` it)."""
+    with _reading(manager, step):
+        return manager.restore(step, args=args)["state"]
+
+
+@contextlib.contextmanager
+def _reading(manager: ocp.CheckpointManager, step: int) -> Iterator[None]:
+    """Checkpoint `step` read in the block; files that do not read (damaged where no checksum
+    caught it) raise ValueError saying what to do."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        path = os.path.join(str(manager.directory), str(step))
+        raise ValueError(
+            f"Checkpoint step {step} in {manager.directory} does not restore "
+            f"({str(error).splitlines()[0][:300]}): it is damaged; nothing was changed. "
+            f"Delete {path} to use the step before it, or use another --workdir."
+        ) from error
 
 
 def restore_weights(manager: ocp.CheckpointManager, step: int, state: Any) -> Any:
@@ -252,7 +274,7 @@ def restore_weights(manager: ocp.CheckpointManager, step: int, state: Any) -> An
     converted = jax.eval_shape(lambda w: scanned.match_layout(w, target), stored)
     check_compatible(manager, step, target, stored=converted)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-    restored = manager.restore(step, args=args)["state"]
+    restored = _restored_state(manager, step, args)
     weights = scanned.match_layout({name: restored[name] for name in WEIGHTS}, target)
     ema = None if state.ema_params is None else weights["params"]
     return state.replace(**weights, ema_params=ema)

@@ -50,8 +50,10 @@ def evaluate(
     config.global_batch_size = jax.device_count()
     exp = create_experiment(config)
     manager = checkpoint.create_checkpoint_manager(directory, read_only=True)
-    state = checkpoint.restore(manager, step, exp.state)
-    manager.close()
+    try:
+        state = checkpoint.restore(manager, step, exp.state)
+    finally:
+        manager.close()  # also after a failed restore: its threads end before the process
     logging.info("Evaluating checkpoint step %d from %s.", step, directory)
     results = {f"eval_{k}": v for k, v in eval_loop(exp, state).items()}
     results |= {"step": step, "checkpoint_dir": directory}

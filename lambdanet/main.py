@@ -41,9 +41,11 @@ Open MPI, Cloud TPU, Kubernetes) or with `--coordinator_address=HOST:PORT --num_
 --process_id=I` (defaults from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 """
 
+import gc
 import logging as std_logging
 import os
 import sys
+from typing import Any
 
 import jax
 from absl import app, flags, logging
@@ -132,6 +134,15 @@ class _QuietLibraries(std_logging.Filter):
 _QUIET_LIBRARIES = _QuietLibraries()
 
 
+def _without_closed_loop_errors(unraisable: Any) -> None:
+    """`sys.unraisablehook` without the "Event loop is closed" RuntimeErrors that a failed
+    checkpoint read leaves (tensorstore calls back into the event loop orbax closed on the
+    error): tracebacks of a library's clean-up above the error's last line."""
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
+
+
 def _set_compilation_cache(directory: str) -> None:
     """JAX's persistent compilation cache in `directory`; '' turns it off, also when
     $JAX_COMPILATION_CACHE_DIR (which JAX reads itself) names one."""
@@ -149,28 +160,41 @@ def main(argv: list[str]) -> None:
         return
     _QUIET_LIBRARIES.tracebacks = _VERBOSE.value
     logging.get_absl_handler().addFilter(_QUIET_LIBRARIES)
+    if not _VERBOSE.value:
+        sys.unraisablehook = _without_closed_loop_errors
     _set_compilation_cache(_COMPILATION_CACHE.value)
+    message = _failure()
+    if message is None:
+        return
+    gc.collect()  # frees what the failed run held (its input workers' shared memory) first
+    listed, last = _last_line(message)
+    if listed:
+        print(listed, file=sys.stderr)
+    sys.exit(f"FATAL {last}")
+
+
+def _failure() -> str | None:
+    """Runs the mode; the message of the explained error that ended it, if one did (with its
+    traceback logged under `--verbose`)."""
     try:
         _run()
     except _EXPLAINED as error:
         if _VERBOSE.value:
             logging.exception("The run failed:")
-        listed, last = _last_line(str(error))
-        if listed:
-            print(listed, file=sys.stderr)
-        sys.exit(f"FATAL {last}")
+        return str(error)
+    return None
 
 
 def _last_line(message: str) -> tuple[str, str]:
     """(the lines above, the last line) of an error's message: one of several lines (a headline
     ending in ':', an indented list, maybe sentences after it) ends on its headline and those
-    sentences, the list above it."""
+    sentences, a list of several above it."""
     head, *rest = message.splitlines()
     listed = [line for line in rest if line.startswith(" ")]
     after = [line for line in rest if not line.startswith(" ")]
-    if not listed:
-        return "", " ".join([head, *after])
-    return "\n".join(listed), " ".join([f"{head.rstrip(':')} (listed above).", *after])
+    if len(listed) > 1:
+        return "\n".join(listed), " ".join([f"{head.rstrip(':')} (listed above).", *after])
+    return "", " ".join([head, *(line.strip() for line in listed), *after])
 
 
 def _run() -> None:

@@ -56,6 +56,7 @@ def train_and_evaluate(
     final_metrics.json to `workdir`; evaluates every `config.eval_every_epochs` and at the end
     when `run_eval`. SIGTERM/SIGINT stop the run after the current step with a checkpoint; the
     returned metrics then have 'stopped_early' (and no final_metrics.json is written). A
+    finished run that trains on keeps its final metrics as final_metrics.step_N.json. A
     finished workdir (its final step saved, final_metrics.json written) is left unchanged and
     its final metrics returned, with 'already_finished'. A resume with another recipe than the
     workdir's config record is refused (ConfigChangedError) unless `allow_config_change`; a
@@ -77,6 +78,7 @@ def train_and_evaluate(
             changed = config_records.check(workdir, config, start_step, allow_config_change)
             if is_chief:
                 config_records.record(workdir, config, start_step, changed)
+                _keep_final_metrics(final_path, start_step)
             writer = metric_writers.create_metric_writer(workdir, write_files=is_chief)
             try:
                 with stop_requested_by_signal() as stop:
@@ -122,6 +124,17 @@ def _finished(workdir: str, step: int, final_path: str) -> dict[str, Any]:
     )
     with open(final_path) as f:
         return json.load(f) | {"already_finished": True}
+
+
+def _keep_final_metrics(final_path: str, step: int) -> None:
+    """Renames the final metrics of a finished run that trains on (a larger num_train_steps) to
+    final_metrics.step_STEP.json, so that the new end does not overwrite them."""
+    if os.path.exists(final_path):
+        kept = final_path.replace(".json", f".step_{step}.json")
+        os.replace(final_path, kept)
+        logging.info(
+            "Training on from the finished step %d; its final metrics kept as %s.", step, kept
+        )
 
 
 def _close(writer: metric_writers.MetricWriter, workdir: str) -> None:

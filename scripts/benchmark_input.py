@@ -12,6 +12,10 @@ r"""Input-pipeline throughput on the host CPU, one JSON line per measurement (no
   python scripts/benchmark_input.py --folder=ROOT --mode=tf_data --sizes=224
   # the peer: torchvision ImageFolder + DataLoader (timm's loader: PIL decode, RandomResizedCrop)
   python scripts/benchmark_input.py --folder=ROOT --mode=torch --processes=15 --sizes=224
+  # on a GPU: nvImageCodec's backends decoding a shard set's JPEGs (whole or the crop window
+  # only), then the GPU decode path's decoder with its resize (lambdanet/tools/gpu_decode_benchmark)
+  python scripts/benchmark_input.py --shards=DIR --mode=gpu_decode --backends=hw,cuda,hybrid \
+      --decode-batch-sizes=64,256 --sizes=224
 
 img/s counts training crops (Inception crop, area 8-100%); a small shard set is read over and over
 (its epochs repeat). The model's train step fed by the pipeline against on-device batches is
@@ -33,8 +37,10 @@ from lambdanet import command_line, data
 from lambdanet.data import array_record, crop, decode
 
 _CONFIG = command_line.define_config_flag()
-_MODE = flags.DEFINE_enum("mode", None, ["decoders", "loader", "tf_data", "torch"], "What to time.")
-_SHARDS = flags.DEFINE_string("shards", None, "An ArrayRecord shard set (decoders).")
+_MODE = flags.DEFINE_enum(
+    "mode", None, ["decoders", "loader", "tf_data", "torch", "gpu_decode"], "What to time."
+)
+_SHARDS = flags.DEFINE_string("shards", None, "An ArrayRecord shard set (decoders, gpu_decode).")
 _FOLDER = flags.DEFINE_string(
     "folder", None, "An image folder tree ROOT/<split>/<class>/ (tf_data, torch)."
 )
@@ -45,6 +51,12 @@ _PROCESSES = flags.DEFINE_list("processes", ["1", "4", "8", "16"], "Processes or
 _SIZES = flags.DEFINE_list("sizes", ["224", "128"], "Image sides.")
 _BATCH_SIZE = flags.DEFINE_integer("batch-size", 256, "Batch size (loader, tf_data, torch).")
 _SECONDS = flags.DEFINE_float("seconds", 10.0, "Seconds each measurement reads for.")
+_BACKENDS = flags.DEFINE_list(
+    "backends",
+    ["hw", "cuda", "hybrid"],
+    "gpu_decode: nvImageCodec backend sets, of lambdanet.tools.gpu_decode_benchmark.BACKENDS.",
+)
+_DECODE_BATCH_SIZES = flags.DEFINE_list("decode-batch-sizes", ["64", "256"], "gpu_decode.")
 flags.mark_flag_as_required("mode")
 
 
@@ -65,7 +77,8 @@ def _decode_for(args):
     box_fn = crop.inception_box_fn([seed], (0.08, 1.0), (3 / 4, 4 / 3))
     while time.time() < start_at:
         time.sleep(0.001)
-    count, stop = 0, start_at + seconds
+    # A process that started late (a loaded machine) still decodes for `seconds`.
+    count, stop = 0, max(time.time(), start_at) + seconds
     while time.time() < stop:
         decoder.decode_crop(images[count % len(images)], box_fn, size)
         count += 1
@@ -229,6 +242,28 @@ def measure_torch(args) -> None:
             )
 
 
+def measure_gpu_decode(args) -> None:
+    """nvImageCodec's backends (each batch size, whole images and crop windows), then the GPU
+    decode path's decoder at each of `sizes`."""
+    from lambdanet.tools import gpu_decode_benchmark
+
+    images = _records(args.shards, args.split)
+    for backends in args.backends:
+        for size in map(int, args.sizes):
+            _emit(gpu_decode_benchmark.accuracy(images, backends, size))
+    for backends in args.backends:
+        for batch_size in map(int, args.decode_batch_sizes):
+            for region in (False, True):
+                _emit(
+                    gpu_decode_benchmark.decoder_rates(
+                        images, backends, batch_size, region, args.seconds
+                    )
+                )
+    for size in map(int, args.sizes):
+        for batch_size in map(int, args.decode_batch_sizes):
+            _emit(gpu_decode_benchmark.pipeline_rates(images, batch_size, size, args.seconds))
+
+
 def _emit(record: dict) -> None:
     record |= dict(host=platform.node(), cpus=os.cpu_count(), python=platform.python_version())
     print(json.dumps(record), flush=True)
@@ -239,10 +274,11 @@ def main(argv) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     mode, folder_mode = _MODE.value, _MODE.value in ("tf_data", "torch")
     given = dict(folder=bool(_FOLDER.value), shards=bool(_SHARDS.value), config=bool(_CONFIG.value))
-    takes = dict(folder=folder_mode, shards=mode == "decoders", config=mode == "loader")
+    shards_mode = mode in ("decoders", "gpu_decode")
+    takes = dict(folder=folder_mode, shards=shards_mode, config=mode == "loader")
     if given != takes:
         raise app.UsageError(
-            "--mode=tf_data and --mode=torch take --folder, --mode=decoders --shards, "
+            "--mode=tf_data and --mode=torch take --folder, --mode=decoders/gpu_decode --shards, "
             "--mode=loader --config (e.g. --config=default --config.dataset.name=array_record "
             "--config.dataset.path=DIR)."
         )
@@ -256,11 +292,18 @@ def main(argv) -> None:
         sizes=_SIZES.value,
         batch_size=_BATCH_SIZE.value,
         seconds=_SECONDS.value,
+        backends=_BACKENDS.value,
+        decode_batch_sizes=_DECODE_BATCH_SIZES.value,
     )
     if mode == "loader":
         measure_loader(args, _CONFIG.value)
         return
-    measure = dict(decoders=measure_decoders, tf_data=measure_tf_data, torch=measure_torch)
+    measure = dict(
+        decoders=measure_decoders,
+        tf_data=measure_tf_data,
+        torch=measure_torch,
+        gpu_decode=measure_gpu_decode,
+    )
     measure[mode](args)
 
 

@@ -253,3 +253,20 @@ def test_checkpoints_without_checksums_load_unverified_with_a_warning_or_are_ref
         checkpoint.resume_step(manager, require_checksums=True)
     assert checkpoint.list_steps(str(directory)) == [2, 5, 6]
     manager.close()
+
+
+def test_a_checkpoint_that_does_not_read_says_which_and_what_to_do(workdir, monkeypatch):
+    """Damage that no checksum caught (none recorded) and the files' format did: tensorstore's
+    error, as orbax raises it (a ValueError), names the step and the fix."""
+    directory = workdir / checkpoint.CHECKPOINT_DIR
+    manager = checkpoint.create_checkpoint_manager(directory, 2, read_only=True)
+    error = ValueError('DATA_LOSS: Error reading "params.conv.kernel/.zarray"\nmore')
+    monkeypatch.setattr(manager, "restore", lambda *a, **k: (_ for _ in ()).throw(error))
+    with pytest.raises(ValueError) as raised:
+        checkpoint.restore(manager, 6, _state(0))
+    assert str(raised.value) == (
+        f"Checkpoint step 6 in {directory} does not restore (DATA_LOSS: Error reading "
+        '"params.conv.kernel/.zarray"): it is damaged; nothing was changed. Delete '
+        f"{directory / '6'} to use the step before it, or use another --workdir."
+    )
+    manager.close()

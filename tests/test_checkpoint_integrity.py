@@ -87,7 +87,12 @@ def test_steps_that_predate_checksums_give_the_newest_unverified(tmp_path, caplo
     for step in (1, 2):
         _step(tmp_path, step, checksummed=False)
     assert integrity.newest_good_step(str(tmp_path), [1, 2]) == 2
-    assert any("have no checksums" in m and "step 2 unverified" in m for m in caplog.messages)
+    assert any(
+        f"step 2 in {tmp_path} has no checksums.json" in m and "using it UNVERIFIED" in m
+        for m in caplog.messages
+    )
+    with pytest.raises(integrity.UnverifiedCheckpointError, match="--require_checksums refuses"):
+        integrity.newest_good_step(str(tmp_path), [1, 2], require_checksums=True)
 
 
 def test_the_save_callback_checksums_the_newest_step_in_flight(tmp_path):

@@ -7,12 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
 
-from lambdanet import checkpoint, config_records, data, main, train_loop
-from lambdanet.data import array_record, convert
+from lambdanet import checkpoint, config_records, data, train_loop
+from lambdanet.data import array_record
+from tests.test_data_array_record import _convert, _folder
 
 REPO = Path(__file__).resolve().parents[1]
 # The chaos test's tiny demo: conv layers only, base width 4, batches of 16, no evaluation.
@@ -92,6 +91,8 @@ def test_2_a_changed_recipe_is_refused_unless_allowed_and_every_config_is_kept(
         tiny_config, str(tmp_path), run_eval=False, allow_config_change=True
     )
     assert final["step"] == 8 and (tmp_path / "config.json").read_bytes() == first
+    with open(tmp_path / "final_metrics.step_4.json") as f:
+        assert json.load(f)["step"] == 4  # the first end's, kept
     with open(tmp_path / "config.step_4.json") as f:
         assert json.load(f)["label_smoothing"] == 0.0
     tiny_config.num_train_steps = 12  # the newest record is the one compared with
@@ -101,25 +102,10 @@ def test_2_a_changed_recipe_is_refused_unless_allowed_and_every_config_is_kept(
 
 @pytest.fixture(scope="module")
 def damaged_shards(tmp_path_factory):
-    """A shard set of 3 classes x 8 training images in 3 shards, the second one damaged."""
-    from PIL import Image
-
-    root, rng = tmp_path_factory.mktemp("folder"), np.random.default_rng(0)
-    for split, count in (("train", 8), ("val", 2)):
-        for name in ("cat", "dog", "eel"):
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
+    """The shard set of tests/test_data_array_record.py, its second training shard damaged."""
     output = tmp_path_factory.mktemp("shards")
-    convert.convert(
-        lambda split: convert.folder_examples(str(root), split),
-        {"train": "train", "val": "val"},
-        str(output),
-        examples_per_shard=8,
-        processes=1,
-    )
-    shard = output / "train-00001-of-00003.array_record"
+    _convert(_folder(tmp_path_factory.mktemp("folder")), output, examples_per_shard=5, processes=1)
+    shard = output / "train-00001-of-00004.array_record"
     damaged = bytearray(shard.read_bytes())
     damaged[3000:3008] = bytes(b ^ 0xFF for b in damaged[3000:3008])  # inside a chunk
     shard.write_bytes(bytes(damaged))
@@ -138,7 +124,7 @@ def test_3_a_damaged_shard_stops_training_naming_it_and_the_command(
     with pytest.raises(array_record.ShardReadError) as stopped:
         train_loop.train_and_evaluate(tiny_config, str(tmp_path), run_eval=False)
     message = str(stopped.value)
-    shard = damaged_shards / "train-00001-of-00003.array_record"
+    shard = damaged_shards / "train-00001-of-00004.array_record"
     assert message.startswith(f"Shard {shard} does not read (Corrupted Riegeli/records file")
     assert f"convert_to_array_record.py --folder=ROOT --output={damaged_shards}`" in message
     assert "Training stopped; no good checkpoint has been saved yet: run the same" in message
@@ -157,7 +143,11 @@ def test_5_a_bad_value_ends_on_one_line_and_leaves_no_workdir(tmp_path):
     bad = ["--config.num_train_steps=0", "--config.num_epochs=0"]
     result = _lambdanet_train(f"--workdir={workdir}", *TINY, *bad)
     assert result.returncode == 1
-    assert _last_line(result).startswith("FATAL ") and "num_epochs > 0" in _last_line(result)
+    assert _last_line(result) == (
+        "FATAL 1 config value(s) out of range; fix them in the config file or with "
+        "--config.FIELD=VALUE: config.num_train_steps=0 and config.num_epochs=0.0: set "
+        "num_train_steps > 0 or num_epochs > 0"
+    )
     assert "Traceback" not in result.stderr and not workdir.exists()
     verbose = _lambdanet_train(f"--workdir={workdir}", *TINY, *bad, "--verbose")
     assert "Traceback" in verbose.stderr and _last_line(verbose) == _last_line(result)
@@ -169,21 +159,6 @@ def test_5_a_mistyped_field_names_the_one_meant(tmp_path):
     last = _last_line(result)
     assert last.startswith("FATAL Flags parsing error: --config.modle.name: the config has no")
     assert 'did you mean "model"' in last.lower()
-
-
-def test_6_an_empty_compilation_cache_flag_turns_the_cache_off(monkeypatch, tmp_path):
-    monkeypatch.setattr(main, "_run", lambda: None)
-    before = jax.config.jax_compilation_cache_dir  # the session's, from the environment
-    try:
-        with_flags = dict(config=str(REPO / "lambdanet/configs/demo.py"), workdir=str(tmp_path))
-        from absl.testing import flagsaver
-
-        with flagsaver.flagsaver(compilation_cache="", **with_flags):
-            main.main(["lambdanet.main"])
-            assert jax.config.jax_compilation_cache_dir is None
-    finally:
-        jax.config.update("jax_compilation_cache_dir", before)
-        jax.config.update("jax_enable_compilation_cache", True)
 
 
 def test_7_help_exits_0_and_build_is_ignored():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 from absl import flags, logging
 from absl.testing import flagsaver
@@ -45,11 +46,14 @@ def calls(monkeypatch):
 
 def test_modes_and_checkpoint_flag(calls, tmp_path):
     kind, (config, workdir), kwargs = calls(workdir=str(tmp_path))
-    assert (kind, workdir, kwargs) == ("train", str(tmp_path), {"run_eval": True})
+    rules = {"allow_config_change": False, "require_checksums": False}
+    assert (kind, workdir, kwargs) == ("train", str(tmp_path), {"run_eval": True} | rules)
     assert config.dataset.name == "digits"
-    assert calls(workdir=str(tmp_path), mode="train")[2] == {"run_eval": False}
+    assert calls(workdir=str(tmp_path), mode="train")[2] == {"run_eval": False} | rules
+    kwargs = calls(workdir=str(tmp_path), allow_config_change="true", require_checksums="true")[2]
+    assert kwargs == {"run_eval": True, "allow_config_change": True, "require_checksums": True}
     kind, args, _ = calls(workdir=str(tmp_path), mode="eval", checkpoint="40")
-    assert kind == "eval" and args[1:] == (str(tmp_path), "40")
+    assert kind == "eval" and args[1:] == (str(tmp_path), "40", False)
 
 
 def test_run_stopped_by_a_signal_exits_with_the_resume_status(calls, monkeypatch, tmp_path):
@@ -57,6 +61,18 @@ def test_run_stopped_by_a_signal_exits_with_the_resume_status(calls, monkeypatch
     with pytest.raises(SystemExit) as stopped:
         calls(workdir=str(tmp_path))
     assert stopped.value.code == main.EXIT_STOPPED == 75
+
+
+def test_an_empty_compilation_cache_flag_turns_the_cache_off(calls, tmp_path):
+    """Also when $JAX_COMPILATION_CACHE_DIR (the session's, tests/conftest.py) names one."""
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        calls(workdir=str(tmp_path), compilation_cache="")
+        assert jax.config.jax_compilation_cache_dir is None
+        assert not jax.config.jax_enable_compilation_cache
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        jax.config.update("jax_enable_compilation_cache", True)
 
 
 def test_unknown_model_attribute_on_the_command_line_says_how_to_set_it(tmp_path):

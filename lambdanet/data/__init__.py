@@ -7,7 +7,9 @@ Three sources, chosen by `config.dataset.name`:
 * ArrayRecord shards (`'array_record'`; `array_record.py`): TF-free streaming for ImageNet-size
   data. Grain worker processes decode and crop JPEGs (libjpeg-turbo, reduced-size decoding);
   flip, RandAugment and mixup run on the device. `scripts/convert_to_array_record.py` writes the
-  shards once from the ImageNet tars, an image folder tree or a TFDS dataset.
+  shards once from the ImageNet tars, an image folder tree or a TFDS dataset. With
+  `decode_on='gpu'` (`gpu_decode.py`) the workers only draw the crops and the training process
+  decodes them on its GPU (nvImageCodec).
 * tf.data (`'image_folder'` or a TFDS name such as `'imagenet2012'`; `input_pipeline.py`):
   decoding and cropping on the host CPU with TensorFlow; flip, RandAugment and mixup on the device.
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:  # augment imports JAX, which the ArrayRecord path's workers d
 
 IN_MEMORY_NAMES = ("digits", "in_memory")
 ARRAY_RECORD_NAME = "array_record"
+DECODE_ON = ("host", "gpu")
 # What config.dataset.path names, for the sources that read one.
 _PATH_NEEDED = {
     "in_memory": "FILE.npz (written by scripts/make_arrays.py) or an image folder "
@@ -50,6 +53,9 @@ def default_dataset_config() -> ml_collections.ConfigDict:
     decoder: ArrayRecord path: 'simplejpeg' (libjpeg-turbo with reduced-size decoding when the
       crop shrinks 2x or more), 'opencv' or 'pillow' (the same with their reduced-size modes).
     fast_dct: ArrayRecord path: libjpeg-turbo's fast integer IDCT and fast chroma upsampling.
+    decode_on: ArrayRecord path: 'host' (the workers decode with `decoder`) or 'gpu' (the workers
+      draw the crops, the training process decodes them with nvImageCodec on its GPU, the
+      `gpu-decode` extra: `gpu_decode.py`; its CPU backend on a CPU).
     workers: ArrayRecord path: Grain decoding processes (None: one per CPU core, less one);
       0 decodes in the training process (tests, debugging).
     data_dir / manual_dir: TFDS data dir; the folder with the ImageNet tars (first run only).
@@ -80,6 +86,7 @@ def default_dataset_config() -> ml_collections.ConfigDict:
             cache=False,
             decoder="simplejpeg",
             fast_dct=True,
+            decode_on="host",
             workers=config_dict.placeholder(int),
             max_train_examples=config_dict.placeholder(int),
             max_eval_examples=config_dict.placeholder(int),
@@ -131,6 +138,17 @@ def _check_path(config) -> None:
         )
 
 
+def _check_decode_on(config) -> None:
+    """A ValueError unless decode_on is 'host', or 'gpu' on the ArrayRecord path."""
+    if config.decode_on not in DECODE_ON:
+        raise ValueError(f"config.dataset.decode_on={config.decode_on!r}: use one of {DECODE_ON}.")
+    if config.decode_on == "gpu" and config.name != ARRAY_RECORD_NAME:
+        raise ValueError(
+            f"config.dataset.decode_on='gpu' serves name={ARRAY_RECORD_NAME!r} only, not "
+            f"{config.name!r}; convert it (`{array_record.CONVERT_COMMAND}`) or decode on the host."
+        )
+
+
 def _in_memory_splits(config) -> tuple[in_memory.ImageArrays, in_memory.ImageArrays, list[str]]:
     if config.name == "digits":
         from lambdanet.data import digits
@@ -168,6 +186,7 @@ def create_dataset(
     the rng passed to `device_preprocess`).
     """
     _check_path(config)
+    _check_decode_on(config)
     batch = batching.Batching(
         global_batch_size=global_batch_size,
         eval_batch_size=eval_batch_size,
@@ -181,6 +200,10 @@ def create_dataset(
 
         augmentation = augment.from_config(config, len(class_names), crop_on_device=True)
         dataset = in_memory.ArraySource(train, evaluation, class_names, batch, augmentation)
+    elif config.name == ARRAY_RECORD_NAME and config.decode_on == "gpu":
+        from lambdanet.data import gpu_decode
+
+        dataset = gpu_decode.GpuDecodeSource(config, batch)
     elif config.name == ARRAY_RECORD_NAME:
         dataset = array_record.ArrayRecordSource(config, batch)
     elif config.name == synthetic.NAME:

@@ -165,10 +165,10 @@ class _Examples:
         folder = os.path.dirname(file)
         return ShardReadError(
             f"Shard {file} does not read ({str(error).splitlines()[0]}): the file is damaged. "
-            f"Delete it and run the conversion that wrote {folder} again (`python "
-            f"scripts/convert_to_array_record.py --folder=ROOT --output={folder}`, or "
-            "--imagenet_dir/--tfds as it was written): it keeps the good shards and rewrites "
-            "only the missing one."
+            f"Delete it and run the conversion that wrote {folder} again with its source and "
+            f"options (`python scripts/convert_to_array_record.py --folder=ROOT --output={folder}"
+            "`, or --imagenet_dir/--tfds): it keeps the good shards and rewrites only the "
+            "missing one."
         )
 
     def _readable(self, index: int) -> bool:
@@ -326,6 +326,13 @@ class _TrainBatches:
     aspect_ratio_range: tuple[float, float]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
+        indices, box_fns = self.select(step)
+        images = self.images.new(len(indices))
+        labels = self.examples.decode_into(images, indices, box_fns)
+        return {"image": images, "label": labels}
+
+    def select(self, step: int) -> tuple[np.ndarray, list[crop.BoxFn]]:
+        """The records of batch `step` (train-set indices, int64 [B]) and their crops' BoxFns."""
         positions = self.batching.train_positions(step)
         indices = batching.stream_indices(positions, self.batching.seed, self.examples.num_examples)
         box_fns = [
@@ -334,9 +341,7 @@ class _TrainBatches:
             )
             for position in positions
         ]
-        images = self.images.new(len(indices))
-        labels = self.examples.decode_into(images, indices, box_fns)
-        return {"image": images, "label": labels}
+        return indices, box_fns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,13 +354,18 @@ class _EvalBatches:
     crop_fraction: float
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
+        indices, box_fns = self.select(index)
+        images = self.images.new(len(indices))
+        labels = self.examples.decode_into(images, indices, box_fns)
+        return {"image": images, "label": labels}
+
+    def select(self, index: int) -> tuple[np.ndarray, list[crop.BoxFn]]:
+        """The records of eval batch `index` (eval-set indices, int64 [n <= B]) and their
+        central crops' BoxFns."""
         start, stop = self.batching.eval_shard(self.examples.num_examples)
         size = self.batching.local_eval_batch_size
         indices = np.arange(start + index * size, min(start + (index + 1) * size, stop))
-        box_fn = crop.center_crop_box_fn(self.crop_fraction)
-        images = self.images.new(len(indices))
-        labels = self.examples.decode_into(images, indices, [box_fn] * len(indices))
-        return {"image": images, "label": labels}
+        return indices, [crop.center_crop_box_fn(self.crop_fraction)] * len(indices)
 
 
 def _limit(num_examples: int, max_examples: int | None) -> int:
