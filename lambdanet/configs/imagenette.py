@@ -8,7 +8,8 @@ the 1,400-step run; the ImageNet 0.9999 would average over more steps than the r
 
 The argument picks the model, with the same recipe and budget for each (results/imagenette.md):
 `resnet50` (default), `hybrid` (C,C,L,L), `all_lambda` (the Table 3 lambda model),
-`lambda_resnet26t` (the port of timm's model), `lambda_resnet50` (LambdaResNet-50, ResNet-RS).
+`lambda_resnet26t` (the port of timm's model), `lambda_resnet50` (LambdaResNet-50, ResNet-RS),
+and Table 3's other rows: `se_resnet50`, `global_sa`, `axial_sa`, `local_sa`, `lambda_u4`.
 
     lambdanet-train --config=imagenette:hybrid --workdir=workdir/imagenette \
         --config.dataset.path=PATH/TO/imagenette
@@ -48,6 +49,12 @@ MODELS = {
     "all_lambda": ("lambda_resnet50_all", SMALL_EMBEDDINGS),
     "lambda_resnet26t": ("lambda_resnet26t", {}),
     "lambda_resnet50": ("lambda_resnet50", SMALL_EMBEDDINGS),
+    # Table 3's other rows (the table3_imagenette sweep).
+    "se_resnet50": ("se_resnet50", {}),
+    "global_sa": ("global_sa_resnet50", {}),
+    "axial_sa": ("axial_sa_resnet50", {}),
+    "local_sa": ("local_sa_resnet50", {}),
+    "lambda_u4": ("lambda_resnet50_u4", SMALL_EMBEDDINGS),
 }
 
 # The hybrid table's placements but C,C,C,C (the `resnet50` entry of the sweep).

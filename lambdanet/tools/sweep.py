@@ -369,7 +369,11 @@ def run_sweep(config: str, overrides: Sequence[str], options: SweepOptions) -> i
 
 
 def write_table(records: list[dict], order: Sequence[str], prefix: str) -> None:
-    """The table and plot of `records` (the entries of `order` first) at PREFIX.csv/.md/.png."""
+    """The table and plot of `records` at PREFIX.csv/.md/.png: the entries of `order` in that
+    order, or every entry when `order` is empty (a results file may hold another sweep's
+    entries, e.g. the hybrid table's runs that the Table 3 sweep reuses)."""
+    if order:
+        records = [r for r in records if r["entry"] in order]
     rows = sweep_table.summarize(records, order)
     sweep_table.write_table(rows, prefix, sweep_table.table_note(records))
 
