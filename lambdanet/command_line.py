@@ -81,7 +81,7 @@ def _unknown_field(error: AttributeError, argv: list[str]) -> str:
     if not field.isidentifier():
         return f"--config: {error} (a config file defines get_config())."
     given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    named = [a for a in given if a.split(".")[-1] == field] or given
+    named = [a for a in given if field in a.split(".")[1:]] or given
     return (
         f"{', '.join(named)}: the config has no field {field!r}, and --config.FIELD "
         "overrides only fields it defines: check the spelling (--print_config lists every "
@@ -90,14 +90,31 @@ def _unknown_field(error: AttributeError, argv: list[str]) -> str:
     )
 
 
+def _unknown_top_level_field(error: KeyError, argv: list[str]) -> str:
+    """`_unknown_field`'s message for ml_collections' KeyError on an override of a top-level
+    field the config lacks ("'modle'" and its "Did you mean" line)."""
+    field, *hint = str(error.args[0]).splitlines()
+    return " ".join([_unknown_field(AttributeError(field), argv), *hint])
+
+
+# absl's help flags: each prints the usage and exits with status 1.
+_HELP_FLAGS = {"-?", "-h", "-help", "--help", "--helpshort", "--helpfull", "--helpxml"}
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing after `resolve_config_flag`; an override of a field the config lacks
-    names it and the fix."""
+    names it and the fix; --help exits 0."""
     argv = resolve_config_flag(argv)
     try:
         return app.parse_flags_with_usage(argv)
     except AttributeError as error:  # raised by ml_collections while it parses the overrides
         _fail(_unknown_field(error, argv))
+    except KeyError as error:  # the same, for a top-level field
+        _fail(_unknown_top_level_field(error, argv))
+    except SystemExit as exit_:
+        if exit_.code == 1 and _HELP_FLAGS & set(argv[1:]):
+            sys.exit(0)
+        raise
 
 
 def config_overrides(argv: Sequence[str]) -> list[str]:
