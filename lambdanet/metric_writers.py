@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 from absl import logging
 
 
@@ -221,6 +222,18 @@ def read_scalars(logdir: str, step: int) -> dict[str, float]:
             for value in event.summary.value:
                 if value.HasField("simple_value"):
                     values[value.tag] = value.simple_value
-                elif value.tensor.float_val or value.tensor.double_val:
-                    values[value.tag] = (*value.tensor.float_val, *value.tensor.double_val)[0]
+                elif value.tensor.dtype in _TENSOR_DTYPES:
+                    values[value.tag] = _tensor_scalar(value.tensor)
     return values
+
+
+# TensorFlow's DataType enum -> numpy dtype, for the scalar tensors of TF2 summaries.
+_TENSOR_DTYPES = {1: np.float32, 2: np.float64}
+
+
+def _tensor_scalar(tensor) -> float:
+    """The value of a scalar TensorProto: in float_val/double_val, or packed in tensor_content
+    (as TensorFlow's summary writer, clu's with TensorFlow present, stores it)."""
+    if tensor.tensor_content:
+        return float(np.frombuffer(tensor.tensor_content, _TENSOR_DTYPES[tensor.dtype])[0])
+    return float((*tensor.float_val, *tensor.double_val)[0])

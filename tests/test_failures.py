@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lambdanet import checkpoint, config_records, data, train_loop
+from lambdanet import checkpoint, config_records, data, metric_writers, train_loop
 from lambdanet.data import array_record
 from tests.test_data_array_record import _convert, _folder
 
@@ -185,3 +185,19 @@ def test_7_a_resume_at_the_final_step_writes_the_train_metrics(tiny_config, tmp_
     assert written["step"] == 8 and "already_finished" not in again
     for name in ("train_loss", "train_top1", "train_learning_rate"):
         assert written[name] == pytest.approx(first[name], rel=1e-6), name
+
+
+def test_7_a_train_metrics_read_back_from_either_writer(tmp_path):
+    """read_scalars reads the lambdanet writer's events and, with TensorFlow imported (clu's
+    writer, scalars packed in tensor_content), TensorFlow's."""
+    pytest.importorskip("tensorflow")
+    from clu import metric_writers as clu_writers
+
+    for name, writer in (
+        ("own", metric_writers.TensorBoardWriter(str(tmp_path / "own"))),
+        ("tf", clu_writers.create_default_writer(str(tmp_path / "tf"))),
+    ):
+        writer.write_scalars(8, {"train_loss": 0.5, "train_top1": 0.25})
+        writer.close()
+        logged = metric_writers.read_scalars(str(tmp_path / name), 8)
+        assert logged == {"train_loss": 0.5, "train_top1": 0.25}, name

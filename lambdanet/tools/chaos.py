@@ -31,6 +31,7 @@ scripts/chaos_resume.py.
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,12 +54,14 @@ OVERRIDES = (
     "--config.checkpoint_every_steps=4",
     "--config.log_every_steps=4",
     "--config.keep_checkpoints=2",
+    "--require_checksums",  # a checkpoint that lost its checksums is skipped or refused
 )
 _RESUMED = re.compile(r"Resuming from step (\d+) in ")
 _PROGRESS = re.compile(r"step \d+/\d+ \(")  # a progress line: training had started
 _SAVING = re.compile(r"Saving checkpoint step (\d+)\.")
 _SAVED = re.compile(r"Checkpoint step (\d+) written")
 _FALLBACK = re.compile(r"Skipping checkpoint step \d+ in ")
+_REFUSED = re.compile(r"FATAL Checkpoint step (\d+) in \S+ has no checksums\.json")
 _LAUNCH_TIMEOUT_SEC = 600
 _POLL_SEC = 0.01
 
@@ -148,12 +151,15 @@ def _array_file(step_dir: Path, rng: random.Random) -> Path:
 
 
 def corrupt(step_dir: Path, rng: random.Random) -> str:
-    """Damages the checkpoint in `step_dir` at random; returns how ('truncate', 'flip_bytes' or
-    'delete_metadata')."""
-    kind = rng.choice(["truncate", "flip_bytes", "delete_metadata"])
+    """Damages the checkpoint in `step_dir` at random; returns how ('truncate', 'flip_bytes',
+    'delete_metadata' or 'delete_checksums': its checksums.json deleted and 8 bytes flipped, an
+    unverifiable checkpoint that `--require_checksums` must not load)."""
+    kind = rng.choice(["truncate", "flip_bytes", "delete_metadata", "delete_checksums"])
     if kind == "delete_metadata":
         (step_dir / "state" / "_METADATA").unlink()
         return kind
+    if kind == "delete_checksums":
+        (step_dir / checkpoint.CHECKSUM_FILE).unlink()
     path = _array_file(step_dir, rng)
     size = path.stat().st_size
     if kind == "truncate":
@@ -216,7 +222,7 @@ def run_chaos(
     kills_during = {"start-up": 0, "training": 0, "save": 0}
     summary = dict(trials=trials, runs=0, resumes=0, kills_during=kills_during)
     if corrupt_checkpoints:
-        summary |= dict(corruptions={}, fallbacks=0)
+        summary |= dict(corruptions={}, fallbacks=0, refused_unverified=0)
     summary |= dict(corrupt_checkpoints_loaded=0, final_param_max_abs_diff=0.0)
 
     reference = root / "uninterrupted"
@@ -257,6 +263,11 @@ def run_chaos(
             if killed:
                 kills += 1
                 kills_during[phase_at_death(log)] += 1
+                continue
+            refused = _REFUSED.search(log) if rc == 1 else None
+            if corrupt_checkpoints and refused:  # its only checkpoint is unverifiable
+                summary["refused_unverified"] += 1
+                shutil.rmtree(directory / refused.group(1))
                 continue
             if rc != 0:
                 raise RuntimeError(f"run {run_dir} failed (exit code {rc}):\n{log[-3000:]}")
