@@ -27,7 +27,7 @@ from lambdanet.models import (
     paper_c4_indices,
     parse_placement,
 )
-from lambdanet.models.resnet import drop_path_rates
+from lambdanet.models.stochastic_depth import drop_path_rates
 
 SMALL = (2, 64, 64, 3)
 RESNET50 = 25_557_032

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lambdanet.models import create_model
-from lambdanet.models.resnet import block_runs
+from lambdanet.models.scan import block_runs
 from lambdanet.models.scanned import scan_variables, scanned_runs, unscan_variables
 
 TINY = dict(

@@ -57,12 +57,13 @@ from lambdanet.layers.pooling import max_pool_3x3
 from lambdanet.layers.space_to_depth import stem_conv
 from lambdanet.models.fold import FoldedBatchNorm, check_not_training_folded
 from lambdanet.models.placement import parse_placement, stage_names
+from lambdanet.models.scan import block_runs, scanned_blocks
+from lambdanet.models.stochastic_depth import drop_path, drop_path_rates, is_zero
 
 ModuleDef = Any
 STEMS = ("conv7x7", "deep", "tiered")
 SHORTCUTS = ("conv1x1", "avg_down")
 ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu}
-DROP_PATH_SCHEDULES = ("block", "stage")
 MIXER_POOLS = (2, 3)
 _ATTENTION = {"G": RelativeSelfAttention2D, "X": AxialSelfAttention, "S": LocalSelfAttention}
 ATTENTION_DEFAULTS = {"heads": 8, "window": 7}
@@ -112,39 +113,6 @@ def _pool_after_mixer(y: jax.Array, window: int) -> jax.Array:
     return nn.avg_pool(y, (window, window), (2, 2), padding=padding, count_include_pad=False)
 
 
-def drop_path(y: jax.Array, rate: float | jax.Array, rng: jax.Array | None) -> jax.Array:
-    """Stochastic depth: [b, ...] -> y with each example dropped with probability ``rate``
-    (kept ones scaled by 1 / (1 - rate)); ``rng`` None (inference) or a rate of 0 is identity.
-    ``rate`` may be traced (a scanned stage's per-block rates)."""
-    if rng is None or _is_zero(rate):
-        return y
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(rng, keep, (y.shape[0],) + (1,) * (y.ndim - 1))
-    return jnp.where(mask, y / jnp.asarray(keep, y.dtype), jnp.zeros_like(y))
-
-
-def _is_zero(rate: float | jax.Array) -> bool:
-    return isinstance(rate, int | float) and rate == 0
-
-
-def drop_path_rates(rate: float, stage_sizes: Sequence[int], schedule: str) -> list[list[float]]:
-    """Stochastic depth rate of every block, per stage, growing linearly with depth.
-
-    "block" (timm ``drop_path_rate``): block j of N drops with rate·j/(N - 1).
-    "stage" (tensorflow/tpu ResNet-RS ``get_drop_connect_rate``): every block of stage i
-    (0-based) of S drops with rate·(i + 2)/(S + 1).
-    """
-    _choice("drop_path_schedule", schedule, DROP_PATH_SCHEDULES)
-    total, rates = sum(stage_sizes), []
-    for s, size in enumerate(stage_sizes):
-        if schedule == "stage":
-            rates.append([rate * (s + 2) / (len(stage_sizes) + 1)] * size)
-        else:
-            first = sum(stage_sizes[:s])
-            rates.append([rate * (first + i) / max(total - 1, 1) for i in range(size)])
-    return rates
-
-
 class Bottleneck(nn.Module):
     """ResNet v1 bottleneck: 1x1 conv (w) -> 3x3 slot (w, stride) -> 1x1 conv (4w), + shortcut.
 
@@ -186,7 +154,7 @@ class Bottleneck(nn.Module):
         if self.se is not None:
             y = self.se(name="se")(y)
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
-        y = drop_path(y, rate, self.make_rng("dropout") if train and not _is_zero(rate) else None)
+        y = drop_path(y, rate, self.make_rng("dropout") if train and not is_zero(rate) else None)
         return self.act(y + self._shortcut(x, y.shape))
 
     def _spatial(self, y: jax.Array, train: bool, embeddings: jax.Array | None) -> jax.Array:
@@ -208,50 +176,6 @@ class Bottleneck(nn.Module):
             x, strides = _avg_down(x), (1, 1)
         x = self.conv(shape[-1], (1, 1), strides, name="downsample_conv")(x)
         return self.norm(name="downsample_bn")(x)
-
-
-def block_runs(block_types: str, scan: bool) -> list[tuple[int, int]]:
-    """(first, last) 0-based block indices of a stage's runs: each block alone, or with
-    ``scan`` the first block alone (it may downsample or project) and then every maximal run of
-    consecutive blocks of one type (a run of one stays a plain block)."""
-    if not scan:
-        return [(i, i) for i in range(len(block_types))]
-    runs, first = [(0, 0)], 1
-    for i in range(1, len(block_types) + 1):
-        if i == len(block_types) or block_types[i] != block_types[first]:
-            if first < len(block_types):
-                runs.append((first, i - 1))
-            first = i
-    return runs
-
-
-class _ScanBody(nn.Module):
-    """One bottleneck as an `nn.scan` body: (x, this block's drop-path rate) -> (x, None)."""
-
-    block: ModuleDef
-    train: bool
-
-    @nn.compact
-    def __call__(self, x: jax.Array, rate: jax.Array | None, embeddings: jax.Array | None):
-        return self.block(name="block")(x, self.train, embeddings, rate), None
-
-
-def _scanned(block: ModuleDef, train: bool, rates: Sequence[float], name: str):
-    """``len(rates)`` copies of ``block`` as one scanned module: (x, embeddings) -> x."""
-    scan = nn.scan(
-        _ScanBody,
-        variable_axes={"params": 0, "batch_stats": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(0, nn.broadcast),
-        length=len(rates),
-    )
-    module = scan(block=block, train=train, name=name)
-    per_block = jnp.asarray(rates, jnp.float32) if any(rates) else None
-
-    def apply(x: jax.Array, embeddings: jax.Array | None) -> jax.Array:
-        return module(x, per_block, embeddings)[0]
-
-    return apply
 
 
 class ResNet(nn.Module):
@@ -409,9 +333,9 @@ class ResNet(nn.Module):
                         x, train, embeddings
                     )
                 else:
-                    x = _scanned(block, train, rates, name=f"{stage}_scan{first + 1}_{last + 1}")(
-                        x, embeddings
-                    )
+                    x = scanned_blocks(
+                        block, train, rates, name=f"{stage}_scan{first + 1}_{last + 1}"
+                    )(x, embeddings)
                 stride *= strides
             features[stage] = x
         features["pre_logits"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -1,7 +1,7 @@
 """Variables of a `ResNet` between its unrolled and scanned layouts (``scan_blocks``).
 
 Unrolled, block j of stage c4 is the module ``c4_block{j}``; scanned, each run of identical
-blocks ``first..last`` (`resnet.block_runs`) is one module ``c4_scan{first}_{last}/block`` whose
+blocks ``first..last`` (`scan.block_runs`) is one module ``c4_scan{first}_{last}/block`` whose
 variables carry a leading layer axis of length last - first + 1. The two layouts compute the
 same function, so timm weights, converted checkpoints and older runs (all unrolled) load into a
 scanned model through `scan_variables`, and a scanned run's variables go back through
@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from lambdanet.models.placement import parse_placement, stage_names
-from lambdanet.models.resnet import ResNet, block_runs
+from lambdanet.models.resnet import ResNet
+from lambdanet.models.scan import block_runs
 
 
 def scanned_runs(model: ResNet) -> dict[str, list[str]]:
