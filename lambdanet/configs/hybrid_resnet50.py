@@ -4,14 +4,14 @@ c3, c4, c5. The default C,C,L,L row: 15.56M params (analytic; the table as read 
 top-1 (unconfirmed).
 
     lambdanet-train --config=hybrid_resnet50 --workdir=workdir/hybrid_CCLL \
-        --config.model.placement=C,C,L,L --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS
+        --config.model.placement=C,C,L,L --config.dataset.path=IMAGENET_SHARDS
 
 All of the table's rows (`hybrid_placements`), `--seeds` training runs each, into one
 CSV/Markdown table of placement, params, inference and training throughput and top-1 (mean ± std)
 and a plot of top-1 against throughput (scripts/sweep_hybrids.py):
 
     python scripts/sweep_hybrids.py --config=hybrid_resnet50 --workdir=workdir/hybrids \
-        --seeds=3 --config.dataset.manual_dir=DIR_WITH_IMAGENET_TARS
+        --seeds=3 --config.dataset.path=IMAGENET_SHARDS
 """
 
 import ml_collections
