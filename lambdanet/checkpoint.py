@@ -24,7 +24,6 @@ refused with the entries that differ (`lambdanet.checkpoint_compat`).
 """
 
 import contextlib
-import json
 import logging as std_logging
 import os
 from collections.abc import Iterator
@@ -90,11 +89,6 @@ with _without_warning("Type handler registry type"):  # overriding, as meant
     )
 
 
-def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """A JSON-serialisable copy of `config`."""
-    return json.loads(config.to_json())
-
-
 def unfinished_saves(directory: str) -> list[str]:
     """The temporary directories of saves that never completed (e.g. killed), sorted."""
     if not os.path.isdir(directory):
@@ -156,7 +150,8 @@ def save(
     `metrics` (with key 'top1') ranks the checkpoint for keep-the-best.
     """
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_to_dict(config))
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(config_records.config_to_dict(config)),
     )
     checkpoint_save_errors.check_free_space(manager, int(state.step))
     logging.info("Saving checkpoint step %d.", int(state.step))

@@ -73,13 +73,13 @@ def resolve_config_flag(argv: list[str]) -> list[str]:
         _fail(str(error))
 
 
-def _unknown_field(error: AttributeError, argv: list[str]) -> str:
-    """The message for ml_collections' AttributeError on an override of a field the config
-    lacks: the overrides in `argv` that name it, and the fix (or, for a config file without
-    `get_config`, the error as it is)."""
-    field = str(error).strip("\"'")
+def _unknown_field(field: str, argv: list[str]) -> str:
+    """The message for ml_collections' error on an override of a field the config lacks
+    (`field`, its name or the error's text): the overrides in `argv` that name it, and the fix
+    (or, for a config file without `get_config`, the error as it is)."""
+    field = field.strip("\"'")
     if not field.isidentifier():
-        return f"--config: {error} (a config file defines get_config())."
+        return f"--config: {field} (a config file defines get_config())."
     given = [a.split("=")[0] for a in argv if a.startswith("--config.")]
     named = [a for a in given if field in a.split(".")[1:]] or given
     return (
@@ -94,7 +94,7 @@ def _unknown_top_level_field(error: KeyError, argv: list[str]) -> str:
     """`_unknown_field`'s message for ml_collections' KeyError on an override of a top-level
     field the config lacks ("'modle'" and its "Did you mean" line)."""
     field, *hint = str(error.args[0]).splitlines()
-    return " ".join([_unknown_field(AttributeError(field), argv), *hint])
+    return " ".join([_unknown_field(field, argv), *hint])
 
 
 # absl's help flags: each prints the usage and exits with status 1.
@@ -108,7 +108,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return app.parse_flags_with_usage(argv)
     except AttributeError as error:  # raised by ml_collections while it parses the overrides
-        _fail(_unknown_field(error, argv))
+        _fail(_unknown_field(str(error), argv))
     except KeyError as error:  # the same, for a top-level field
         _fail(_unknown_top_level_field(error, argv))
     except SystemExit as exit_:
@@ -134,7 +134,7 @@ def parse_config(config: str, overrides: Sequence[str] = ()) -> ml_collections.C
     try:
         values(argv)
     except AttributeError as error:  # raised by ml_collections while it parses the overrides
-        raise ValueError(_unknown_field(error, argv)) from error
+        raise ValueError(_unknown_field(str(error), argv)) from error
     except flags.Error as error:
         raise ValueError(str(error)) from error
     return values.config

@@ -17,6 +17,8 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from lambdanet import metric_writers
+
 CONFIG_FILE = "config.json"
 # Fields that change no step's result: changing them on resume needs no --allow_config_change.
 BOOKKEEPING = frozenset(
@@ -30,6 +32,11 @@ BOOKKEEPING = frozenset(
     }
 )
 _RECORD = re.compile(r"config\.step_(\d+)(?:\.(\d+))?\.json")
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A JSON-serialisable copy of `config` (what a record holds)."""
+    return json.loads(config.to_json())
 
 
 class ConfigChangedError(ValueError):
@@ -48,20 +55,6 @@ def _records(workdir: str) -> list[str]:
     return first + [name for _, name in later]
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _flat(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _as_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return json.loads(config.to_json())
-
-
 def changes(workdir: str, config: ml_collections.ConfigDict) -> tuple[str | None, list[str]]:
     """(the newest record's name, ['field: old -> new', ...] for each field `config` changes
     from it); (None, []) for a workdir with no record."""
@@ -69,8 +62,8 @@ def changes(workdir: str, config: ml_collections.ConfigDict) -> tuple[str | None
     if not records:
         return None, []
     with open(os.path.join(workdir, records[-1])) as f:
-        old = _flat(json.load(f))
-    new = _flat(_as_dict(config))
+        old = metric_writers.flatten(json.load(f))
+    new = metric_writers.flatten(config_to_dict(config))
     return records[-1], [
         f"{name}: {_value(old, name)} -> {_value(new, name)}"
         for name in sorted(old.keys() | new.keys())
@@ -102,9 +95,10 @@ def check(
 def record(workdir: str, config: ml_collections.ConfigDict, step: int, changed: list[str]) -> None:
     """Writes `config` as config.json in a workdir without one, else as config.step_STEP.json
     (config.step_STEP.K.json if that exists) when `changed` (from `check`) is not empty."""
-    if _records(workdir) and not changed:
+    first = not _records(workdir)
+    if not first and not changed:
         return
-    name = CONFIG_FILE if not _records(workdir) else f"config.step_{step}.json"
+    name = CONFIG_FILE if first else f"config.step_{step}.json"
     for k in itertools.count(2):  # never overwrite a record
         if not os.path.exists(os.path.join(workdir, name)):
             break

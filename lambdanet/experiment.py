@@ -15,7 +15,7 @@ import optax
 from absl import logging
 from flax import linen as nn
 
-from lambdanet import analysis, checkpoint, config_checks, sharding, step_cache
+from lambdanet import analysis, config_checks, config_records, sharding, step_cache
 from lambdanet.data import Dataset, create_dataset
 from lambdanet.train import (
     EvalMetrics,
@@ -104,13 +104,13 @@ def create_experiment(
         train_step=step_cache.CachedStep(
             jax.jit(train_step_fn, donate_argnums=0, out_shardings=replicated),
             lambda state, batch, rngs: (state, TrainMetrics.empty()),
-            key=dict(step="train", config=checkpoint.config_to_dict(config)),
+            key=dict(step="train", config=config_records.config_to_dict(config)),
             donate_argnums=(0,),
         ),
         eval_step=step_cache.CachedStep(
             jax.jit(eval_step_fn, out_shardings=replicated),
             lambda state, batch, rngs: EvalMetrics.empty(),
-            key=dict(step="eval", config=checkpoint.config_to_dict(config)),
+            key=dict(step="eval", config=config_records.config_to_dict(config)),
         ),
     )
 

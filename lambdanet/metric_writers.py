@@ -38,12 +38,12 @@ class MetricWriter(Protocol):
     def close(self) -> None: ...
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -57,7 +57,7 @@ class ConsoleWriter:
         logging.info("[%d] %s", step, text)
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        logging.info("[hparams] %s", _flatten(hparams))
+        logging.info("[hparams] %s", flatten(hparams))
 
     def flush(self) -> None:
         pass
@@ -101,7 +101,7 @@ class TensorBoardWriter:
 
         flat = {
             k: v if isinstance(v, bool | int | float | str) else str(v)
-            for k, v in _flatten(hparams).items()
+            for k, v in flatten(hparams).items()
         }
         self._add_event(0, summary=summary_v2.hparams_pb(flat))
 

@@ -204,7 +204,7 @@ def _train(
     """The training loop of `train_and_evaluate`, from `state` on."""
     start_step = int(state.step)
     if start_step == 0:
-        writer.write_hparams(checkpoint.config_to_dict(config))
+        writer.write_hparams(config_records.config_to_dict(config))
     eval_every = int(config.eval_every_epochs * exp.steps_per_epoch) if run_eval else 0
     train_iter = sharding.prefetch_to_device(exp.dataset.train_iter(start_step), exp.mesh)
     progress = metric_writers.ProgressLogger(
